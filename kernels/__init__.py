@@ -1,0 +1,1 @@
+"""Hand-written Triton kernels for block-sparse matmul (installed as ``sparsecore.kernels``)."""

@@ -1,0 +1,162 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight is block-sparse.
+
+State (all plain tensors, so ``state_dict`` survives ``torch.save`` and safetensors)::
+
+    values  Parameter [nnzb, BN, BK]   kept blocks, BSR order (layer dtype)
+    bias    Parameter [out_features]   or None
+    mask    buffer bool [R, C]         which blocks are kept (defines all metadata)
+    row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order
+            non-persistent int32 buffers, rebuilt from ``mask`` (format.build_metadata)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import ops
+from .errors import check
+from .format import META_FIELDS, BlockMask, BlockSparseWeight, build_metadata, grid_shape, normalize_block
+from .prune.magnitude import block_mask
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W [out_features, in_features]`` kept only on a block mask.
+
+    Same constructor, attributes and forward as ``nn.Linear``, plus ``block`` and ``mask``
+    (a ``BlockMask`` or bool ``[R, C]``; default: every block kept). ``backend`` is passed to
+    ``torch.ops.sparsecore.bsr_linear`` ("auto" picks cuda ▸ triton ▸ torch).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block=(64, 64), mask=None,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        check(isinstance(in_features, int) and in_features > 0, "in_features", "a positive int", in_features)
+        check(isinstance(out_features, int) and out_features > 0, "out_features", "a positive int", out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.block = normalize_block(block)
+        self.backend = backend
+        grid = grid_shape((out_features, in_features), self.block)
+        if mask is None:
+            mask = torch.ones(grid, dtype=torch.bool)
+        bm = mask if isinstance(mask, BlockMask) else BlockMask(mask, self.block, (out_features, in_features))
+        check(bm.block == self.block and bm.shape == (out_features, in_features), "mask",
+              f"a mask of block {self.block} for shape {(out_features, in_features)}",
+              f"block {bm.block}, shape {bm.shape}")
+        factory = {"device": device, "dtype": dtype}
+        self.values = nn.Parameter(torch.empty(bm.nnzb, *self.block, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("mask", bm.mask.to(device=device), persistent=True)
+        self._rebuild_metadata()
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """``nn.Linear``'s init (kaiming-uniform, a=sqrt(5)) on the kept entries."""
+        bound = 1 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            dense = torch.empty(self.out_features, self.in_features, dtype=self.values.dtype,
+                                device=self.values.device).uniform_(-bound, bound)
+            self.values.copy_(BlockSparseWeight.from_dense(dense, self.block_mask()).values)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    # -- construction from dense -----------------------------------------------------------
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block=(64, 64), sparsity=None, mask=None, *, weight=None,
+                   score="l2", balanced: bool = False, backend: str = "auto") -> "SparseLinear":
+        """Prune ``linear`` to a block mask (given, or magnitude at ``sparsity``).
+
+        ``weight``: optional replacement dense weight (e.g. refitted by a pruner).
+        """
+        check(isinstance(linear, nn.Linear), "linear", "an nn.Linear", type(linear).__name__)
+        check((sparsity is None) != (mask is None), "sparsity/mask", "exactly one of them",
+              f"sparsity={sparsity!r}, mask={'set' if mask is not None else None}")
+        w = (linear.weight if weight is None else weight).detach()
+        if mask is None:
+            mask = block_mask(w, block, sparsity, score=score, balanced=balanced)
+        W = BlockSparseWeight.from_dense(w, mask, None if isinstance(mask, BlockMask) else block)
+        lin = cls(linear.in_features, linear.out_features, linear.bias is not None, block=W.block,
+                  mask=W.block_mask(), backend=backend, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.values.copy_(W.values)
+            if linear.bias is not None:
+                lin.bias.copy_(linear.bias.detach())
+        return lin
+
+    # -- mask and metadata -----------------------------------------------------------------
+    def _rebuild_metadata(self):
+        for name, t in build_metadata(self.mask).items():
+            self.register_buffer(name, t, persistent=False)
+
+    def block_mask(self) -> BlockMask:
+        return BlockMask(self.mask, self.block, (self.out_features, self.in_features))
+
+    def set_mask(self, mask, weight=None):
+        """Change the kept blocks; metadata is rebuilt once here (not per step).
+
+        Values of blocks kept before are kept; newly kept blocks come from ``weight``
+        ``[out, in]`` if given, else start at zero.
+        """
+        bm = mask if isinstance(mask, BlockMask) else BlockMask(mask, self.block, (self.out_features, self.in_features))
+        check(bm.block == self.block and bm.shape == (self.out_features, self.in_features), "mask",
+              f"block {self.block}, shape {(self.out_features, self.in_features)}", f"block {bm.block}, shape {bm.shape}")
+        with torch.no_grad():
+            src = self.dense_weight() if weight is None else weight.to(self.values)
+            new = BlockSparseWeight.from_dense(src, bm.to(self.values.device)).values
+        self.mask = bm.mask.to(self.mask.device)
+        self._rebuild_metadata()
+        self.values = nn.Parameter(new, requires_grad=self.values.requires_grad)
+
+    @property
+    def sparse_weight(self) -> BlockSparseWeight:
+        """The weight as a ``BlockSparseWeight`` sharing this module's tensors."""
+        meta = {name: getattr(self, name) for name in META_FIELDS}
+        return BlockSparseWeight(self.values, (self.out_features, self.in_features), self.block, meta, validate=False)
+
+    def dense_weight(self) -> torch.Tensor:
+        """``[out_features, in_features]`` with zeros where pruned (differentiable)."""
+        return self.sparse_weight.to_dense()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense view for code that reads ``linear.weight`` (materializes; prefer ``values``)."""
+        return self.dense_weight()
+
+    @property
+    def density(self) -> float:
+        return self.values.shape[0] / max(1, self.mask.numel())
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check(x.shape[-1] == self.in_features, "input", f"last dim {self.in_features} (in_features)",
+              f"shape {tuple(x.shape)}")
+        meta = {name: getattr(self, name) for name in META_FIELDS}
+        return ops.bsr_linear_tensors(x, self.values, meta, self.out_features, self.bias, "none", self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"block={self.block}, density={self.density:.3f}")
+
+    # -- state dict: a checkpoint with another mask resizes ``values`` -----------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        mask = state_dict.get(prefix + "mask")
+        if isinstance(mask, torch.Tensor):
+            grid = tuple(self.mask.shape)
+            if mask.dtype != torch.bool or tuple(mask.shape) != grid:
+                error_msgs.append(f"{prefix}mask: expected bool {grid}, got {mask.dtype} {tuple(mask.shape)}")
+                return
+            vals = state_dict.get(prefix + "values")
+            nnzb = int(mask.sum())
+            if isinstance(vals, torch.Tensor) and tuple(vals.shape) != (nnzb, *self.block):
+                error_msgs.append(f"{prefix}values: expected shape {(nnzb, *self.block)} for the checkpoint's mask, "
+                                  f"got {tuple(vals.shape)}")
+                return
+            if not torch.equal(mask.to(self.mask.device), self.mask):
+                self.mask = mask.to(self.mask.device).clone()
+                self._rebuild_metadata()
+                self.values = nn.Parameter(self.values.new_empty(nnzb, *self.block),
+                                           requires_grad=self.values.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

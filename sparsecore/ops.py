@@ -1,0 +1,150 @@
+"""Op schemas: ``torch.ops.sparsecore.*`` definitions, fake kernels, autograd, wrappers.
+
+Three ops, one schema each, every backend behind them (``sparsecore.backends``)::
+
+  bsr_linear(x[M,K], values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm,
+             row_order, out_features, bias?, activation, backend)  -> y[M,N]
+  bsr_linear_grad_input(dy[M,N], values, col_ptr, row_idx, t_perm, in_features, backend)
+                                                                    -> dx[M,K]
+  bsr_linear_grad_weight(dy[M,N], x[M,K], block_row, col_idx, block_n, block_k, backend)
+                                                                    -> dvalues[nnzb,BN,BK]
+
+Autograd of ``bsr_linear`` uses the other two (the mask is fixed: metadata gets no
+gradient). Any library can call the ops directly; ``bsr_linear(x, W)`` below is the
+friendly wrapper taking a ``BlockSparseWeight`` and ``x [..., K]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+from .errors import check
+from .format import BlockSparseWeight
+
+
+def _check_forward(x, values, out_features, bias, activation):
+    check(x.dim() == 2, "x", "a 2-D tensor [M, K] (the wrapper flattens leading dims)", f"shape {tuple(x.shape)}")
+    check(values.dim() == 3, "values", "[nnzb, BN, BK]", f"shape {tuple(values.shape)}")
+    check(x.dtype == values.dtype, "x", f"dtype {values.dtype} (the weight's)", x.dtype)
+    check(x.device == values.device, "x", f"device {values.device} (the weight's)", x.device)
+    check(activation in backends.ACTIVATIONS, "activation", f"one of {backends.ACTIVATIONS}", repr(activation))
+    if bias is not None:
+        check(bias.shape == (out_features,), "bias", f"shape ({out_features},)", f"shape {tuple(bias.shape)}")
+        check(bias.dtype == x.dtype and bias.device == x.device, "bias", f"{x.dtype} on {x.device}",
+              f"{bias.dtype} on {bias.device}")
+
+
+@torch.library.custom_op("sparsecore::bsr_linear", mutates_args=())
+def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor,
+                col_ptr: Tensor, row_idx: Tensor, t_perm: Tensor, row_order: Tensor, out_features: int,
+                bias: Optional[Tensor] = None, activation: str = "none", backend: str = "auto") -> Tensor:
+    _check_forward(x, values, out_features, bias, activation)
+    check(x.shape[1] <= (col_ptr.numel() - 1) * values.shape[2], "x", "at most C*BK columns",
+          f"{x.shape[1]} columns")
+    if x.shape[0] == 0:
+        return x.new_zeros(0, out_features)
+    mod = backends.resolve(backend, x, values)
+    return mod.forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation)
+
+
+@_bsr_linear.register_fake
+def _(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features,
+      bias=None, activation="none", backend="auto"):
+    _check_forward(x, values, out_features, bias, activation)
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("sparsecore::bsr_linear_grad_input", mutates_args=())
+def _grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, t_perm: Tensor,
+                in_features: int, backend: str = "auto") -> Tensor:
+    if dy.shape[0] == 0:
+        return dy.new_zeros(0, in_features)
+    mod = backends.resolve(backend, dy, values)
+    return mod.grad_input(dy.contiguous(), values, col_ptr, row_idx, t_perm, in_features)
+
+
+@_grad_input.register_fake
+def _(dy, values, col_ptr, row_idx, t_perm, in_features, backend="auto"):
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+@torch.library.custom_op("sparsecore::bsr_linear_grad_weight", mutates_args=())
+def _grad_weight(dy: Tensor, x: Tensor, block_row: Tensor, col_idx: Tensor, block_n: int, block_k: int,
+                 backend: str = "auto") -> Tensor:
+    if dy.shape[0] == 0:
+        return dy.new_zeros(col_idx.numel(), block_n, block_k)
+    mod = backends.resolve(backend, dy, dy.new_empty(0, block_n, block_k))
+    return mod.grad_weight(dy.contiguous(), x.contiguous(), block_row, col_idx, (block_n, block_k))
+
+
+@_grad_weight.register_fake
+def _(dy, x, block_row, col_idx, block_n, block_k, backend="auto"):
+    return dy.new_empty(col_idx.shape[0], block_n, block_k)
+
+
+def _activation_slope(z: Tensor, act: str) -> Tensor:
+    """d act(z) / dz for gelu (erf form, as F.gelu) and silu."""
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, n, bias, act, backend = inputs
+    ctx.save_for_backward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, bias,
+                          output if act == "relu" else None)
+    ctx.out_features, ctx.activation, ctx.backend = n, act, backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, bias, out = ctx.saved_tensors
+    act = ctx.activation
+    if act == "relu":
+        dy = dy * (out > 0)
+    elif act in ("gelu", "silu"):  # recompute the pre-activation instead of storing it
+        z = _bsr_linear(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order,
+                        ctx.out_features, bias, "none", ctx.backend)
+        cd = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dy = (dy.to(cd) * _activation_slope(z.to(cd), act)).to(dy.dtype)
+    dx = dvalues = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = _grad_input(dy, values, col_ptr, row_idx, t_perm, x.shape[1], ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dvalues = _grad_weight(dy, x, block_row, col_idx, values.shape[1], values.shape[2], ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[10]:
+        dbias = dy.sum(0)
+    return dx, dvalues, None, None, None, None, None, None, None, None, dbias, None, None
+
+
+_bsr_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bsr_linear_tensors(x: Tensor, values: Tensor, meta: dict, out_features: int, bias: Optional[Tensor] = None,
+                       activation: str = "none", backend: str = "auto") -> Tensor:
+    """``y [..., N] = act(x [..., K] @ W^T + bias)`` from raw tensors (``meta`` as in format)."""
+    check(isinstance(x, Tensor), "x", "a torch.Tensor", type(x).__name__)
+    check(x.dim() >= 1, "x", "at least 1-D [..., K]", f"shape {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    y = torch.ops.sparsecore.bsr_linear(
+        x.reshape(-1, x.shape[-1]), values, meta["row_ptr"], meta["col_idx"], meta["block_row"],
+        meta["col_ptr"], meta["row_idx"], meta["t_perm"], meta["row_order"], out_features, bias,
+        activation, backend)
+    return y.reshape(*lead, out_features)
+
+
+def bsr_linear(x: Tensor, W: BlockSparseWeight, bias: Optional[Tensor] = None, backend: str = "auto",
+               activation: str = "none") -> Tensor:
+    """``y [..., N] = act(x [..., K] @ W^T + bias)`` with ``W`` a ``BlockSparseWeight [N, K]``.
+
+    ``backend``: "auto" | "torch" | "triton" | "cuda" (see ``sparsecore.backends``).
+    """
+    check(isinstance(W, BlockSparseWeight), "W", "a sparsecore.BlockSparseWeight", type(W).__name__)
+    check(isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] == W.shape[1], "x",
+          f"a tensor [..., {W.shape[1]}] (in_features of W)", f"shape {tuple(getattr(x, 'shape', ()))}")
+    return bsr_linear_tensors(x, W.values, W.meta, W.shape[0], bias, activation, backend)

@@ -1,0 +1,69 @@
+"""``sparsify(model, ...)``: swap a model's ``nn.Linear`` layers for ``SparseLinear`` in place."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from . import prune
+from .errors import check
+from .format import normalize_block
+from .nn import SparseLinear
+
+log = logging.getLogger(__name__)
+
+
+def _skip_reason(module: nn.Linear, parent: nn.Module | None) -> str | None:
+    w = module.weight
+    if type(module) is not nn.Linear:
+        return f"{type(module).__name__} is a subclass of nn.Linear with its own behaviour"
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads its projection weights directly"
+    if w.is_meta:
+        return "weight is on the meta device"
+    if not w.dtype.is_floating_point:
+        return f"weight dtype {w.dtype} is not floating point"
+    if not bool(torch.isfinite(w).all()):
+        return "weight has NaN/Inf"
+    return None
+
+
+def target_linears(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Linear]]:
+    """``(fqn, layer)`` for every Linear that ``filter_fn(module, fqn)`` accepts and we can handle."""
+    parents = {fqn: m for fqn, m in model.named_modules()}
+    out = []
+    for fqn, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or (filter_fn is not None and not filter_fn(m, fqn)):
+            continue
+        reason = _skip_reason(m, parents.get(fqn.rpartition(".")[0]))
+        if reason:
+            log.info("sparsify: skipping %s: %s", fqn, reason)
+            continue
+        out.append((fqn, m))
+    return out
+
+
+def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: str = "magnitude", filter_fn=None,
+             calibration=None, reconstruct: bool = False, balanced: bool = False, backend: str = "auto",
+             **method_kwargs) -> nn.Module:
+    """Prune every selected ``nn.Linear`` of ``model`` to ``block`` masks and swap in ``SparseLinear``.
+
+    ``filter_fn(module, fqn) -> bool`` picks layers (default: all). ``method``: "magnitude"
+    or an activation-aware method fed by ``calibration`` (iterable of model inputs: a tensor
+    is passed as ``model(t)``, a dict as ``model(**d)``). Returns ``model`` (changed in place).
+    """
+    check(isinstance(model, nn.Module), "model", "an nn.Module", type(model).__name__)
+    block = normalize_block(block)
+    sparsity = prune.check_sparsity(sparsity)
+    targets = target_linears(model, filter_fn)
+    plans = prune.plan(model, targets, block=block, sparsity=sparsity, method=method, calibration=calibration,
+                       reconstruct=reconstruct, balanced=balanced, **method_kwargs)
+    for fqn, lin in targets:
+        mask, weight = plans[fqn]
+        new = SparseLinear.from_dense(lin, mask=mask, weight=weight, backend=backend)
+        new.train(lin.training)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        log.info("sparsify: %s -> block %s, density %.3f", fqn, block, new.density)
+    return model

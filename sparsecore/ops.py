@@ -48,7 +48,7 @@ def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, blo
     if x.shape[0] == 0:
         return x.new_zeros(0, out_features)
     mod = backends.resolve(backend, x, values)
-    return mod.forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation)
+    return mod.forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation).contiguous()
 
 
 @_bsr_linear.register_fake
@@ -64,7 +64,7 @@ def _grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, t_
     if dy.shape[0] == 0:
         return dy.new_zeros(0, in_features)
     mod = backends.resolve(backend, dy, values)
-    return mod.grad_input(dy.contiguous(), values, col_ptr, row_idx, t_perm, in_features)
+    return mod.grad_input(dy.contiguous(), values, col_ptr, row_idx, t_perm, in_features).contiguous()
 
 
 @_grad_input.register_fake
@@ -78,7 +78,7 @@ def _grad_weight(dy: Tensor, x: Tensor, block_row: Tensor, col_idx: Tensor, bloc
     if dy.shape[0] == 0:
         return dy.new_zeros(col_idx.numel(), block_n, block_k)
     mod = backends.resolve(backend, dy, dy.new_empty(0, block_n, block_k))
-    return mod.grad_weight(dy.contiguous(), x.contiguous(), block_row, col_idx, (block_n, block_k))
+    return mod.grad_weight(dy.contiguous(), x.contiguous(), block_row, col_idx, (block_n, block_k)).contiguous()
 
 
 @_grad_weight.register_fake

@@ -16,10 +16,10 @@ log = logging.getLogger(__name__)
 
 def _skip_reason(module: nn.Linear, parent: nn.Module | None) -> str | None:
     w = module.weight
-    if type(module) is not nn.Linear:
-        return f"{type(module).__name__} is a subclass of nn.Linear with its own behaviour"
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its projection weights directly"
+    if type(module) is not nn.Linear:
+        return f"{type(module).__name__} is a subclass of nn.Linear with its own behaviour"
     if w.is_meta:
         return "weight is on the meta device"
     if not w.dtype.is_floating_point:

@@ -25,12 +25,13 @@ def oracle(x, w_dense_masked, bias=None, activation="none"):
 
 
 def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def assert_close(out, ref, dtype, tol=None):
     """NaN never passes; an all-zero reference needs an exactly-zero output."""
+    out, ref = out.detach(), ref.detach()
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), "non-finite output"
     if float(ref.abs().max()) == 0.0:

@@ -1,0 +1,101 @@
+"""Bad input gets a SparseCoreError naming the argument — never a silent wrong result."""
+import math
+
+import pytest
+import torch
+
+import sparsecore as sc
+from sparsecore.errors import SparseCoreError
+
+
+def _W(n=64, k=64, block=32, dtype=torch.float32):
+    w = torch.randn(n, k, dtype=dtype)
+    return sc.BlockSparseWeight.from_dense(w, sc.prune.block_mask(w, block, 0.5))
+
+
+@pytest.mark.parametrize("block", [8, 24, 256, (32,), (32, 33), "64", 0, True, (16.0, 16)])
+def test_bad_block(block):
+    with pytest.raises(SparseCoreError, match="block"):
+        sc.prune.block_mask(torch.randn(64, 64), block, 0.5)
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.5, math.nan, "0.5", None, True])
+def test_bad_sparsity(sparsity):
+    with pytest.raises(SparseCoreError, match="sparsity"):
+        sc.prune.block_mask(torch.randn(64, 64), 32, sparsity)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_weights_rejected(bad):
+    w = torch.randn(64, 64)
+    w[3, 5] = bad
+    with pytest.raises(SparseCoreError, match="w: expected finite"):
+        sc.prune.block_mask(w, 32, 0.5)
+    with pytest.raises(SparseCoreError, match="w: expected finite"):
+        sc.BlockSparseWeight.from_dense(w, torch.ones(2, 2, dtype=torch.bool), block=32)
+
+
+def test_weight_shape_and_dtype():
+    with pytest.raises(SparseCoreError, match="w: expected a 2-D"):
+        sc.prune.block_mask(torch.randn(4, 64, 64), 32, 0.5)
+    with pytest.raises(SparseCoreError, match="w: expected a floating"):
+        sc.prune.block_mask(torch.ones(64, 64, dtype=torch.int64), 32, 0.5)
+
+
+def test_mask_mismatch():
+    w = torch.randn(64, 96)
+    with pytest.raises(SparseCoreError, match="mask: expected shape"):
+        sc.BlockSparseWeight.from_dense(w, torch.ones(2, 2, dtype=torch.bool), block=32)
+    with pytest.raises(SparseCoreError, match="mask: expected a bool"):
+        sc.BlockSparseWeight.from_dense(w, torch.ones(2, 3), block=32)
+    other = sc.prune.block_mask(torch.randn(64, 64), 32, 0.5)
+    with pytest.raises(SparseCoreError, match="mask: expected a BlockMask for shape"):
+        sc.BlockSparseWeight.from_dense(w, other)
+
+
+def test_op_input_mismatches():
+    W = _W()
+    with pytest.raises(SparseCoreError, match="x: expected a tensor"):
+        sc.ops.bsr_linear(torch.randn(3, 65), W)
+    with pytest.raises(SparseCoreError, match="x: expected dtype"):
+        sc.ops.bsr_linear(torch.randn(3, 64, dtype=torch.float64), W)
+    with pytest.raises(SparseCoreError, match="bias: expected shape"):
+        sc.ops.bsr_linear(torch.randn(3, 64), W, bias=torch.randn(63))
+    with pytest.raises(SparseCoreError, match="bias: expected torch.float32"):
+        sc.ops.bsr_linear(torch.randn(3, 64), W, bias=torch.randn(64, dtype=torch.float64))
+    with pytest.raises(SparseCoreError, match="W: expected a sparsecore.BlockSparseWeight"):
+        sc.ops.bsr_linear(torch.randn(3, 64), torch.randn(64, 64))
+    with pytest.raises(SparseCoreError, match="activation"):
+        sc.ops.bsr_linear(torch.randn(3, 64), W, activation="tanh")
+
+
+def test_backend_choice_errors(monkeypatch):
+    W = _W()
+    x = torch.randn(3, 64)
+    with pytest.raises(SparseCoreError, match="backend: expected one of"):
+        sc.ops.bsr_linear(x, W, backend="cublas")
+    monkeypatch.setenv("SPARSECORE_BACKEND", "fast")
+    with pytest.raises(SparseCoreError, match="SPARSECORE_BACKEND"):
+        sc.ops.bsr_linear(x, W)
+    monkeypatch.setenv("SPARSECORE_BACKEND", "cuda")  # forced on CPU tensors: a clear refusal
+    with pytest.raises(SparseCoreError, match="backend: 'cuda'"):
+        sc.ops.bsr_linear(x, W)
+
+
+def test_sparse_linear_bad_input():
+    lin = sc.SparseLinear.from_dense(torch.nn.Linear(64, 32), block=32, sparsity=0.5)
+    with pytest.raises(SparseCoreError, match="input: expected last dim 64"):
+        lin(torch.randn(2, 63))
+    with pytest.raises(SparseCoreError, match="sparsity/mask"):
+        sc.SparseLinear.from_dense(torch.nn.Linear(64, 32), block=32)
+    with pytest.raises(SparseCoreError, match="linear: expected an nn.Linear"):
+        sc.SparseLinear.from_dense(torch.nn.Conv1d(3, 3, 1), block=32, sparsity=0.5)
+    with pytest.raises(SparseCoreError, match="model"):
+        sc.sparsify("not a model")
+
+
+@pytest.mark.gpu
+def test_device_mix():
+    W = _W()
+    with pytest.raises(SparseCoreError, match="x: expected device"):
+        sc.ops.bsr_linear(torch.randn(3, 64, device="cuda"), W)

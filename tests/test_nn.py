@@ -1,0 +1,175 @@
+"""SparseLinear as a drop-in nn.Linear, and sparsify on a transformer-like model."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparsecore as sc
+
+from conftest import assert_close, oracle
+
+
+def _lin(n_in=96, n_out=80, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_dense_matches_masked_linear(bias):
+    dense = _lin(bias=bias)
+    sl = sc.SparseLinear.from_dense(dense, block=(16, 32), sparsity=0.6)
+    mask = sc.prune.block_mask(dense.weight.detach(), (16, 32), 0.6).to_dense()
+    assert torch.equal(sl.dense_weight(), dense.weight.detach() * mask)
+    x = torch.randn(3, 5, 96)
+    ref = oracle(x.reshape(-1, 96), dense.weight.detach() * mask, dense.bias.detach() if bias else None)
+    assert_close(sl(x), ref.reshape(3, 5, 80), torch.float32)
+    assert (sl.in_features, sl.out_features) == (96, 80) and (sl.bias is None) == (not bias)
+    assert "block=(16, 32)" in repr(sl) and "density=0.4" in repr(sl)
+
+
+def test_constructor_like_nn_linear():
+    sl = sc.SparseLinear(50, 70, block=16)
+    assert sl.density == 1.0 and sl.values.shape == (4 * 5, 16, 16)
+    y = sl(torch.randn(2, 50))
+    assert y.shape == (2, 70)
+    # default init bounded like nn.Linear's
+    assert float(sl.dense_weight().detach().abs().max()) <= 1 / 50 ** 0.5 + 1e-6
+    # the padding of partial blocks stays zero
+    assert float(sl.values.detach()[-1, 6:, :].abs().sum()) == 0.0
+
+
+def test_state_dict_roundtrip_torch_save_and_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = sc.SparseLinear.from_dense(_lin(seed=1), block=32, sparsity=0.5)
+    sd = src.state_dict()
+    assert set(sd) == {"values", "bias", "mask"} and all(isinstance(t, torch.Tensor) for t in sd.values())
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    for loaded in (torch.load(buf, weights_only=True), load_file(str(tmp_path / "w.safetensors"))):
+        dst = sc.SparseLinear.from_dense(_lin(seed=2), block=32, sparsity=0.75)  # another mask, fewer blocks
+        dst.load_state_dict(loaded)
+        assert torch.equal(dst.mask, src.mask) and torch.equal(dst.dense_weight(), src.dense_weight())
+        x = torch.randn(4, 96)
+        assert torch.equal(dst(x), src(x))
+
+
+def test_load_state_dict_rejects_inconsistent():
+    src = sc.SparseLinear.from_dense(_lin(), block=32, sparsity=0.5)
+    sd = src.state_dict()
+    sd["values"] = sd["values"][:-1]
+    dst = sc.SparseLinear.from_dense(_lin(), block=32, sparsity=0.5)
+    with pytest.raises(RuntimeError, match="values: expected shape"):
+        dst.load_state_dict(sd)
+    sd = src.state_dict()
+    sd["mask"] = sd["mask"][:, :1]
+    with pytest.raises(RuntimeError, match="mask: expected bool"):
+        dst.load_state_dict(sd)
+
+
+def test_dtype_and_device_moves():
+    sl = sc.SparseLinear.from_dense(_lin(), block=32, sparsity=0.5)
+    for conv, dt in ((lambda m: m.half(), torch.float16), (lambda m: m.bfloat16(), torch.bfloat16),
+                     (lambda m: m.to(torch.float64), torch.float64)):
+        m = conv(sc.SparseLinear.from_dense(_lin(), block=32, sparsity=0.5))
+        assert m.values.dtype == dt and m.bias.dtype == dt
+        assert m.row_ptr.dtype == torch.int32 and m.mask.dtype == torch.bool
+        x = torch.randn(3, 96, dtype=dt)
+        assert_close(m(x), oracle(x, m.dense_weight(), m.bias), dt)
+    assert sl.to("cpu").values.device.type == "cpu"
+
+
+def test_training_with_fixed_mask():
+    """SGD on SparseLinear == SGD on the element-masked dense weight (float64 oracle)."""
+    torch.manual_seed(0)
+    sl = sc.SparseLinear.from_dense(_lin(64, 32), block=16, sparsity=0.5).double()
+    mask = sl.block_mask().to_dense().double()
+    w = sl.dense_weight().detach().clone().requires_grad_(True)
+    b = sl.bias.detach().clone().requires_grad_(True)
+    target = torch.randn(32, 64, dtype=torch.float64) * mask  # reachable by the sparse layer
+    opt, opt_ref = torch.optim.SGD(sl.parameters(), lr=0.2), torch.optim.SGD([w, b], lr=0.2)
+    x = torch.randn(256, 64, dtype=torch.float64)
+    losses = []
+    for _ in range(20):
+        loss = (sl(x) - x @ target.T).pow(2).mean()
+        loss_ref = (x @ (w * mask).T + b - x @ target.T).pow(2).mean()
+        for o, l in ((opt, loss), (opt_ref, loss_ref)):
+            o.zero_grad()
+            l.backward()
+            o.step()
+        losses.append(float(loss))
+        assert float(loss) == pytest.approx(float(loss_ref), rel=1e-9)
+    assert losses[-1] < 0.7 * losses[0]
+    assert torch.allclose(sl.dense_weight(), w * mask, rtol=1e-9, atol=1e-12)
+    assert float(sl.dense_weight()[mask == 0].abs().max()) == 0.0  # pruned blocks never come back
+
+
+def test_set_mask_rebuilds_metadata():
+    sl = sc.SparseLinear.from_dense(_lin(), block=32, sparsity=0.5)
+    before = sl.dense_weight().detach().clone()
+    new = sc.prune.block_mask(before, 32, 0.75)  # subset of the kept blocks (magnitude of kept)
+    sl.set_mask(new)
+    assert sl.values.shape[0] == new.nnzb and torch.equal(sl.mask, new.mask)
+    assert torch.equal(sl.dense_weight(), before * new.to_dense())
+    x = torch.randn(2, 96)
+    assert_close(sl(x), oracle(x, before * new.to_dense(), sl.bias), torch.float32)
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, d=64, h=128):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.q = nn.Linear(d, d)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = x + self.attn(self.q(x), x, x, need_weights=False)[0]
+        return self.norm(x + self.down(torch.relu(self.up(x))))
+
+
+class TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(TinyBlock(), TinyBlock())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def test_sparsify_transformer_like_model(caplog):
+    torch.manual_seed(0)
+    model = TinyModel().eval()
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    x = torch.randn(2, 9, 64)
+    with caplog.at_level("INFO", logger="sparsecore"):
+        out = sc.sparsify(model, block=(16, 16), sparsity=0.5, filter_fn=lambda m, fqn: "head" not in fqn)
+    assert out is model
+    swapped = {n for n, m in model.named_modules() if isinstance(m, sc.SparseLinear)}
+    assert swapped == {f"blocks.{i}.{p}" for i in range(2) for p in ("q", "up", "down")}
+    assert type(model.head) is nn.Linear  # filtered out
+    assert isinstance(model.blocks[0].attn.out_proj, nn.Linear)  # MHA projection skipped, with a reason
+    assert "MultiheadAttention" in caplog.text
+    # the sparse model equals the dense model with masked weights
+    ref = TinyModel().eval()
+    ref.load_state_dict({k: v for k, v in _dense_state(model).items()})
+    for name in swapped:
+        mask = sc.prune.block_mask(dense[name], 16, 0.5).to_dense()
+        assert torch.equal(ref.get_submodule(name).weight, dense[name] * mask)
+    assert_close(model(x), ref(x).double(), torch.float32)
+
+
+def _dense_state(model):
+    sd = {}
+    for name, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            sd[f"{name}.{pname}" if name else pname] = p.detach()
+        if isinstance(m, sc.SparseLinear):
+            sd[f"{name}.weight"] = m.dense_weight().detach()
+            sd.pop(f"{name}.values")
+    return sd

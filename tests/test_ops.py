@@ -1,0 +1,127 @@
+"""torch.ops.sparsecore.* through the torch (reference) backend vs the float64 oracle."""
+import pytest
+import torch
+
+import sparsecore as sc
+
+from conftest import REL_TOL, assert_close, oracle, random_weight
+
+CASES = [  # (M, N, K, block, density, empty_rows)
+    (1, 64, 64, 32, 0.5, 0),
+    (59, 100, 70, 32, 0.6, 1),
+    (111, 130, 257, (16, 64), 0.3, 2),
+    (7, 256, 128, 128, 1.0, 0),
+    (33, 96, 96, 16, 0.0, 0),
+    (300, 192, 320, 64, 0.25, 1),
+]
+
+
+@pytest.mark.parametrize("M,N,K,block,density,empty_rows", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_matches_oracle(M, N, K, block, density, empty_rows, dtype):
+    g = torch.Generator().manual_seed(M * 7 + N)
+    w, m = random_weight(N, K, block, density, dtype, generator=g, empty_rows=empty_rows)
+    W = sc.BlockSparseWeight.from_dense(w, m)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype)
+    for b, act in ((None, "none"), (bias, "gelu")):
+        y = sc.ops.bsr_linear(x, W, bias=b, backend="torch", activation=act)
+        assert y.dtype == dtype
+        assert_close(y, oracle(x, W.to_dense(), b, act), dtype)
+
+
+def test_leading_dims_and_noncontiguous():
+    w, m = random_weight(96, 64, 32, 0.5)
+    W = sc.BlockSparseWeight.from_dense(w, m)
+    x = torch.randn(2, 3, 5, 64)
+    y = sc.ops.bsr_linear(x, W)
+    assert y.shape == (2, 3, 5, 96)
+    assert_close(y, oracle(x.reshape(-1, 64), W.to_dense()).reshape(2, 3, 5, 96), torch.float32)
+    xt = torch.randn(64, 9).T  # non-contiguous
+    assert_close(sc.ops.bsr_linear(xt, W), oracle(xt, W.to_dense()), torch.float32)
+    assert sc.ops.bsr_linear(torch.randn(0, 64), W).shape == (0, 96)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_matches_masked_dense(act, dtype):
+    g = torch.Generator().manual_seed(3)
+    w, m = random_weight(80, 72, (16, 32), 0.5, dtype, generator=g, empty_rows=1)
+    W = sc.BlockSparseWeight.from_dense(w, m)
+    x = torch.randn(2, 19, 72, generator=g).to(dtype).requires_grad_(True)
+    bias = torch.randn(80, generator=g).to(dtype).requires_grad_(True)
+    values = W.values.clone().requires_grad_(True)
+    y = sc.ops.bsr_linear_tensors(x, values, W.meta, 80, bias, act, "torch")
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(dy)
+    # oracle: float64 autograd through the element-masked dense weight
+    mask = m.to_dense().double()
+    xd = x.detach().double().requires_grad_(True)
+    wd = w.double().requires_grad_(True)
+    bd = bias.detach().double().requires_grad_(True)
+    yd = oracle(xd, wd * mask, bd, act)
+    yd.backward(dy.double())
+    assert_close(x.grad, xd.grad, dtype)
+    assert_close(bias.grad, bd.grad, dtype)
+    dV = sc.BlockSparseWeight(values.grad, W.shape, W.block, W.meta).to_dense()
+    assert_close(dV, wd.grad * mask, dtype)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(5)
+    w, m = random_weight(40, 36, 16, 0.5, torch.float64, generator=g)
+    W = sc.BlockSparseWeight.from_dense(w, m)
+    x = torch.randn(5, 36, dtype=torch.float64, generator=g, requires_grad=True)
+    v = W.values.clone().requires_grad_(True)
+    b = torch.randn(40, dtype=torch.float64, generator=g, requires_grad=True)
+    for act in ("none", "silu"):
+        fn = lambda x, v, b: sc.ops.bsr_linear_tensors(x, v, W.meta, 40, b, act, "torch")
+        assert torch.autograd.gradcheck(fn, (x, v, b))
+
+
+def _op_args(dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(9)
+    w, m = random_weight(48, 40, 16, 0.5, dtype, generator=g)
+    W = sc.BlockSparseWeight.from_dense(w, m)
+    x = torch.randn(6, 40, dtype=dtype, generator=g, requires_grad=True)
+    v = W.values.clone().requires_grad_(True)
+    b = torch.randn(48, dtype=dtype, generator=g, requires_grad=True) if bias else None
+    meta = W.meta
+    return W, (x, v, meta["row_ptr"], meta["col_idx"], meta["block_row"], meta["col_ptr"], meta["row_idx"],
+               meta["t_perm"], meta["row_order"], 48, b, "none", "torch")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(bias):
+    W, args = _op_args(bias=bias)
+    torch.library.opcheck(torch.ops.sparsecore.bsr_linear.default, args)
+    x, v = args[0], args[1]
+    dy = torch.randn(6, 48)
+    torch.library.opcheck(torch.ops.sparsecore.bsr_linear_grad_input.default,
+                          (dy, v.detach(), W.col_ptr, W.row_idx, W.t_perm, 40, "torch"))
+    torch.library.opcheck(torch.ops.sparsecore.bsr_linear_grad_weight.default,
+                          (dy, x.detach(), W.block_row, W.col_idx, 16, 16, "torch"))
+
+
+def test_compile_fullgraph_no_graph_break():
+    torch._dynamo.reset()
+    lin = sc.SparseLinear.from_dense(torch.nn.Linear(64, 96), block=32, sparsity=0.5)
+    x = torch.randn(4, 7, 64, requires_grad=True)
+    compiled = torch.compile(lin, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    assert_close(y, oracle(x.reshape(-1, 64), lin.dense_weight().detach(), lin.bias.detach()).reshape(4, 7, 96),
+                 torch.float32)
+    gx = x.grad.clone()
+    x.grad = None
+    lin(x).sum().backward()
+    assert torch.allclose(gx, x.grad, rtol=REL_TOL[torch.float32], atol=1e-6)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    W, args = _op_args()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(13, 40)
+        y = torch.ops.sparsecore.bsr_linear(x, *args[1:])
+    assert y.shape == (13, 48)

@@ -1,0 +1,127 @@
+"""Hugging Face ``transformers`` integration: sparsify, save and reload pretrained models.
+
+A saved sparse model is a ``save_pretrained``-style folder::
+
+    path/
+      config.json               the model's config + "sparsity_config" (sparsecore.io.sparsity_config)
+      sparsecore.safetensors    sparsecore.io.save: kept blocks, masks, every dense tensor
+      generation_config.json    when the model has one
+
+The weights file is deliberately not named ``model.safetensors``: a plain
+``AutoModel.from_pretrained(path)`` fails loudly ("no model.safetensors") instead of silently
+building random dense layers. ``from_pretrained(AutoModel, path)`` below rebuilds the
+``SparseLinear`` layers. ``save_pretrained(model, path, dense=True)`` writes an ordinary
+``model.safetensors`` (pruned blocks as zeros) that stock ``transformers`` loads.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+
+from torch import nn
+
+from . import io
+from .errors import check
+from .sparsify import sparsify as _sparsify
+
+WEIGHTS_NAME = "sparsecore.safetensors"
+DENSE_WEIGHTS_NAME = "model.safetensors"
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    """fqns of the LM head (kept dense by default: usually tied to the input embeddings)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {fqn for fqn, m in model.named_modules() if head is not None and m is head}
+
+
+def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: str = "magnitude", filter_fn=None,
+             ignore=(), **kwargs) -> nn.Module:
+    """``sparsecore.sparsify`` for a ``transformers`` model; records ``config.sparsity_config``.
+
+    ``ignore``: fqns or glob patterns (``"*.pooler.*"``) of Linear layers to keep dense; the
+    output embeddings (LM head) are always kept dense. ``filter_fn(module, fqn)`` further
+    restricts the layers, as in ``sparsecore.sparsify``. Other kwargs go to
+    ``sparsecore.sparsify`` (calibration, reconstruct, balanced, backend, ...).
+    """
+    check(isinstance(model, nn.Module) and hasattr(model, "config"), "model",
+          "a transformers PreTrainedModel (an nn.Module with .config)", type(model).__name__)
+    check(isinstance(ignore, (list, tuple, set)) and all(isinstance(p, str) for p in ignore), "ignore",
+          "a list of fqns or glob patterns", repr(ignore))
+    skip = _output_embedding_names(model)
+
+    def keep(module, fqn):
+        if fqn in skip or any(fnmatch.fnmatchcase(fqn, p) for p in ignore):
+            return False
+        return filter_fn is None or filter_fn(module, fqn)
+
+    _sparsify(model, block=block, sparsity=sparsity, method=method, filter_fn=keep, **kwargs)
+    model.config.sparsity_config = io.sparsity_config(model)
+    return model
+
+
+def save_pretrained(model: nn.Module, path, dense: bool = False) -> None:
+    """Write ``config.json`` (+ ``sparsity_config``) and the weights to the folder ``path``.
+
+    ``dense=True``: an ordinary dense ``model.safetensors`` (zeros where pruned) and a config
+    without ``sparsity_config``, for tools that know nothing of sparsecore.
+    """
+    check(isinstance(model, nn.Module) and hasattr(model.config, "save_pretrained"), "model",
+          "a transformers PreTrainedModel", type(model).__name__)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    config = model.config
+    had = hasattr(config, "sparsity_config")
+    saved = getattr(config, "sparsity_config", None)
+    try:
+        if dense:
+            if had:
+                del config.sparsity_config
+            config.save_pretrained(path)
+        else:
+            config.sparsity_config = io.sparsity_config(model)
+            config.save_pretrained(path)
+    finally:
+        if had:
+            config.sparsity_config = saved
+        elif hasattr(config, "sparsity_config"):
+            del config.sparsity_config
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+        generation.save_pretrained(path)
+    if dense:
+        io.export_dense(model, os.path.join(path, DENSE_WEIGHTS_NAME))
+    else:
+        io.save(model, os.path.join(path, WEIGHTS_NAME))
+
+
+def from_pretrained(cls_or_auto, path, dtype=None, device=None) -> nn.Module:
+    """Rebuild a model saved by ``save_pretrained``: ``from_pretrained(AutoModel, path)``.
+
+    ``cls_or_auto``: a ``transformers`` Auto class (``AutoModel``, ``AutoModelForCausalLM``,
+    ...) or a concrete model class. The architecture comes from ``config.json``; its
+    ``nn.Linear`` layers named in the checkpoint become ``SparseLinear`` and every tensor
+    is loaded (validated first, see ``sparsecore.io.load``). Returned in eval mode.
+    """
+    from transformers import AutoConfig, PreTrainedModel
+
+    path = os.fspath(path)
+    check(os.path.isdir(path), "path", "a folder written by sparsecore.hf.save_pretrained", repr(path))
+    config = AutoConfig.from_pretrained(path)
+    sparse_cfg = getattr(config, "sparsity_config", None)
+    check(isinstance(sparse_cfg, dict) and sparse_cfg.get("format") == io.SPARSITY_FORMAT, "path",
+          f"a config.json with sparsity_config.format {io.SPARSITY_FORMAT!r}",
+          f"sparsity_config {sparse_cfg!r:.200}")
+    weights = os.path.join(path, WEIGHTS_NAME)
+    check(os.path.isfile(weights), "path", f"a {WEIGHTS_NAME} file in the folder", f"none in {path!r}")
+    is_model_class = isinstance(cls_or_auto, type) and issubclass(cls_or_auto, PreTrainedModel)
+    check(is_model_class or hasattr(cls_or_auto, "from_config"), "cls_or_auto",
+          "a transformers Auto class or PreTrainedModel subclass", repr(cls_or_auto))
+
+    def build():
+        model = cls_or_auto(config) if is_model_class else cls_or_auto.from_config(config)
+        return model.to(device=device, dtype=dtype)
+
+    model = io.load(build, weights)
+    model.config.sparsity_config = sparse_cfg
+    return model.eval()

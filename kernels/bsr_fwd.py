@@ -1,0 +1,95 @@
+"""Block-sparse forward (prefill / training): ``y[M, N] = act(x[M, K] @ W^T + bias)``.
+
+Design
+------
+* One program per (M tile of ``BM`` rows, block-row ``r`` of W). It walks the kept blocks
+  ``row_ptr[r] .. row_ptr[r+1]`` of that row and accumulates ``acc[BM, BN]`` in fp32::
+
+      acc += x[m0:m0+BM, cols(i..i+G)] @ Wt(i..i+G)      Wt: [G*BK, BN], rows g*BK+k
+                                                              = values[i+g, :, k]
+  The values of one block-row are contiguous, so ``G`` consecutive kept blocks are one
+  contiguous slab: with small blocks (16, 32) ``G`` blocks are taken per K-step and the MMA
+  sees K = G*BK = 64..128 (x is gathered at ``G`` column offsets into one tile). The W^T
+  tile is K-contiguous (it is W's own layout), which wgmma takes for 16-bit and tf32.
+* The loop is a plain ``for`` over a runtime range with the column index loaded inside, so
+  Triton software-pipelines it (``num_stages`` buffers of cp.async loads, async wgmma).
+* Launch order: programs are rastered in groups of ``GROUP_M`` M tiles x all block-rows
+  (rows in ``row_order``, heaviest first): a group's x tiles stay in L2 while every row of
+  W streams past them, and heavy rows start first so they do not straggle at the end.
+* K and N need not be multiples of the block: x loads are masked to ``K`` (values are
+  zero-padded blocks), stores are masked to ``M`` x ``N``. Empty block-rows write
+  ``act(bias)`` (or zeros). Epilogue (bias + none/relu/gelu/silu) is fused.
+* Precision: fp16/bf16 operands; fp32 operands go through ``tl.dot``'s default tf32 on
+  the GPU (10-bit mantissa products, fp32 accumulate). Accumulation is always fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import ACT_CODES, epilogue, interpreting, launchable, mma
+
+
+@triton.jit
+def bsr_fwd_kernel(
+    x, values, row_ptr, col_idx, row_order, bias, y,
+    M, N, K, R, stride_xm, stride_ym,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # -- raster: groups of GROUP_M M-tiles x R block-rows, M fastest inside a group --------
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    per_group = GROUP_M * R
+    first_m = (pid // per_group) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % gsize
+    r = tl.load(row_order + (pid % per_group) // gsize)
+
+    start = tl.load(row_ptr + r)
+    end = tl.load(row_ptr + r + 1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    kk = tl.arange(0, G * BK)
+    g = kk // BK                                   # which of the G blocks this column is in
+    k = kk % BK
+    m_ok = offs_m < M
+    x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
+    w_tile = offs_n[None, :] * BK + k[:, None]     # [G*BK, BN] offsets inside one block
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for i in range(start, end, G):
+        blk = i + g
+        ok = blk < end
+        c = tl.load(col_idx + blk, mask=ok, other=0)
+        kcol = c * BK + k
+        a = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & (ok & (kcol < K))[None, :], other=0.0)
+        b = tl.load(values + blk.to(tl.int64)[:, None] * (BN * BK) + w_tile, mask=ok[:, None], other=0.0)
+        acc = mma(a, b, acc, DOT_F32)
+
+    n_glob = r * BN + offs_n
+    n_ok = n_glob < N
+    z = epilogue(acc, bias, n_glob, n_ok, HAS_BIAS, ACT)
+    y_ptrs = y + offs_m[:, None].to(tl.int64) * stride_ym + n_glob[None, :]
+    tl.store(y_ptrs, z.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def bsr_fwd(x, values, row_ptr, col_idx, row_order, out_features, bias=None, activation="none", *,
+            config: dict, wrap=None):
+    """Launch the forward. ``x [M, K]`` (unit stride along K), ``values [nnzb, BN, BK]``;
+    ``config`` from ``sparsecore.kernels.configs.select("fwd", ...)`` (BM, G, GROUP_M,
+    num_warps, num_stages). ``wrap``: e.g. ``wrap_triton`` inside a ``triton_op``."""
+    M, K = x.shape
+    _, BN, BK = values.shape
+    R = row_ptr.numel() - 1
+    y = torch.empty(M, out_features, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, config["BM"]) * R,)
+    launchable(bsr_fwd_kernel, wrap)[grid](
+        x, values, row_ptr, col_idx, row_order, bias if bias is not None else y, y,
+        M, out_features, K, R, x.stride(0), y.stride(0),
+        BM=config["BM"], BN=BN, BK=BK, G=config["G"], GROUP_M=config["GROUP_M"],
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
+        DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return y

@@ -1,0 +1,54 @@
+"""Pieces every kernel shares: the MMA step, the fused epilogue, small host helpers.
+
+Kernels are plain ``@triton.jit`` functions. Triton decides at *its own import* whether
+they compile for the GPU or run in the CPU interpreter (``TRITON_INTERPRET=1``), so the
+launchers below take whatever mode the process is in: CUDA tensors normally, CPU tensors
+when ``TRITON_INTERPRET=1`` was set before ``triton`` was first imported.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+
+
+def interpreting() -> bool:
+    """True when this process runs Triton kernels in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def launchable(k, wrap=None):
+    """``k`` as launched: through ``wrap`` (``wrap_triton`` inside a ``triton_op``) or plain."""
+    return wrap(k) if wrap is not None else k
+
+
+@triton.jit
+def mma(a, b, acc, DOT_F32: tl.constexpr):
+    """``acc += a @ b`` (fp32 accumulate). ``DOT_F32`` upcasts the operands first: only the
+    CPU interpreter needs it, for bf16, whose ``tl.dot`` returns garbage there (triton 3.8);
+    the upcast is exact (bf16 -> fp32) so the numerics under test are unchanged."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def epilogue(z, bias_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """``act(z + bias[offs_n])`` in fp32 on a ``[BM, BN]`` tile; ACT codes in ``ACT_CODES``
+    (gelu is the erf form, as ``F.gelu``)."""
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:
+        z = z * tl.sigmoid(z)
+    return z
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))

@@ -1,0 +1,101 @@
+"""Launch configs: a checked-in tuned table first, shape heuristics when no entry fits.
+
+Key: ``(kernel, arch, dtype, block, M bucket, N, K)``. ``tuned_configs.json`` (written on a
+GPU by ``bench/tune_triton.py``) maps ``"<kernel>|sm<arch>|<dtype>|<BN>x<BK>|M<bucket>|N<N>|K<K>"``
+to a config dict; an entry with ``N*`` / ``K*`` (``"...|M<bucket>|N*|K*"``) covers every
+N, K. Lookup: exact shape, then the wildcard, then ``heuristic``. Nothing is autotuned at
+call time, so a first call never launches a storm of trial compiles.
+
+Config fields (all kernels): ``num_warps``, ``num_stages``, and
+  fwd / dx : ``BM`` (rows of x per program), ``G`` (kept blocks per K-step), ``GROUP_M``
+  decode   : ``BM``, ``G``, ``PROGRAMS_PER_SM`` (kept-block list split over that many programs)
+  dw       : ``BM`` (M step of the reduction), ``PROGRAMS_PER_SM`` (split M until nnzb x
+             splits reaches that many programs per SM)
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+
+from .common import next_pow2
+
+KERNELS = ("fwd", "decode", "dx", "dw")
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_configs.json")
+M_BUCKETS = (1, 16, 64, 256, 1024, 4096)  # an M belongs to the largest bucket <= M
+DECODE_MAX_M = 64
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def m_bucket(M: int) -> int:
+    return max(b for b in M_BUCKETS if b <= max(1, M))
+
+
+def dtype_name(dtype) -> str:
+    return _DTYPES[dtype]
+
+
+def key(kernel, arch, dtype, block, M, N, K) -> str:
+    n, k = ("*", "*") if N is None else (N, K)
+    return f"{kernel}|sm{arch}|{dtype_name(dtype)}|{block[0]}x{block[1]}|M{m_bucket(M)}|N{n}|K{k}"
+
+
+@functools.lru_cache(maxsize=None)
+def table(path: str = TABLE_PATH) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f).get("entries", {})
+    except FileNotFoundError:
+        return {}
+
+
+def arch_of(device) -> int:
+    """sm number (90 for H100) of a CUDA device; 0 for the CPU interpreter."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs are enough to exercise the split
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def heuristic(kernel, arch, dtype, block, M, N, K) -> dict:
+    """Shape rules for when the table has no entry (see the kernel files for the why)."""
+    BN, BK = block
+    wide = dtype == torch.float32  # 4-byte operands: half the K per step fits the same smem
+    kstep = 32 if wide else 64     # the MMA's K per step, reached with G blocks at a time
+    if kernel in ("fwd", "dx"):
+        out, red = (BN, BK) if kernel == "fwd" else (BK, BN)  # output tile side, reduced side
+        BM = 64 if M <= 64 else 128
+        G = max(1, kstep // red)
+        tile = BM * out
+        warps = 8 if tile >= 128 * 128 else 4
+        step_bytes = (BM + out) * G * red * (4 if wide else 2)
+        budget = (160 if arch >= 90 else 96) * 1024  # leave room for the epilogue's layout swap
+        stages = max(2, min(4, budget // max(1, step_bytes)))
+        return {"BM": BM, "G": G, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    if kernel == "decode":
+        BM = max(16, next_pow2(M))
+        G = max(1, (64 if wide else 128) // BK)
+        return {"BM": BM, "G": G, "PROGRAMS_PER_SM": 4, "num_warps": 4, "num_stages": 3}
+    if kernel == "dw":
+        BM = 32 if wide else 64
+        warps = 8 if BN * BK >= 128 * 128 else 4
+        return {"BM": BM, "PROGRAMS_PER_SM": 2, "num_warps": warps, "num_stages": 3}
+    raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+
+
+def select(kernel, dtype, block, M, N, K, device) -> dict:
+    """The config for one launch: tuned table (exact shape, then any shape), else heuristic."""
+    arch = arch_of(device)
+    entries = table()
+    for k in (key(kernel, arch, dtype, block, M, N, K), key(kernel, arch, dtype, block, M, None, None)):
+        if k in entries:
+            return dict(entries[k])
+    return heuristic(kernel, arch, dtype, block, M, N, K)

@@ -1,8 +1,14 @@
 """The ``torch`` backend: the reference every test compares against, and the CPU path.
 
-Batched gathers + ``bmm`` + ``index_add_`` over kept blocks (no Python loop over blocks);
-work is chunked so the gathered operands stay under ``_CHUNK_ELEMS`` elements. Half
-precision is computed in float32 and cast back, so the reference carries no low-precision
+No Python loop over blocks. Block-rows (forward) or block-columns (dX) are grouped by how
+many blocks they keep; a group of ``n`` rows with ``L`` blocks each is one ``bmm``::
+
+    x [M, C*BK] --gather cols--> A [n, M, L*BK]      values --gather--> B [n, L*BK, BN]
+    y[:, rows] = A @ B                                (exact: no padding, no atomics)
+
+so the loop runs over distinct row lengths (a handful), and each GEMM has K = L*BK.
+Work is chunked to keep gathered operands under ``_CHUNK_ELEMS`` elements. Half precision
+is computed in float32 and cast back once, so the reference adds no low-precision
 accumulation error of its own.
 """
 from __future__ import annotations
@@ -26,18 +32,27 @@ def _compute_dtype(dtype):
 
 
 def _blocked(t: torch.Tensor, side: int, nblocks: int, dtype) -> torch.Tensor:
-    """``t [M, D]`` -> zero-padded ``[nblocks, M, side]`` (block-major) in ``dtype``."""
+    """``t [M, D]`` -> zero-padded view ``[M, nblocks, side]`` in ``dtype``."""
     M, D = t.shape
     t = t.to(dtype)
     if nblocks * side != D:
         t = F.pad(t, (0, nblocks * side - D))
-    return t.reshape(M, nblocks, side).transpose(0, 1)
+    return t.reshape(M, nblocks, side)
 
 
 def _chunks(n_items: int, per_item: int):
     step = max(1, _CHUNK_ELEMS // max(1, per_item))
     for s in range(0, n_items, step):
         yield s, min(n_items, s + step)
+
+
+def _groups(ptr: torch.Tensor):
+    """Segments of a CSR pointer grouped by length: ``(segment ids [n], positions [n, L])``."""
+    lengths = (ptr[1:] - ptr[:-1]).long()
+    for L in torch.unique(lengths).tolist():
+        if L:
+            seg = (lengths == L).nonzero().flatten()
+            yield seg, ptr[seg].long()[:, None] + torch.arange(L, device=ptr.device)
 
 
 def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -50,51 +65,68 @@ def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     return z
 
 
+def _grouped_spmm(a: torch.Tensor, ptr, a_idx, b_blocks, out_blocks: int, out_side: int):
+    """``out[:, s] = sum_j a[:, a_idx[p_j]] @ b_blocks[p_j]`` over segments ``s`` of ``ptr``.
+
+    ``a [M, A, side_in]`` blocked operand; ``b_blocks(p) -> [n, L*side_in, out_side]``.
+    Returns ``[M, out_blocks, out_side]``.
+    """
+    M = a.shape[0]
+    out = a.new_zeros(M, out_blocks, out_side)
+    for seg, pos in _groups(ptr):
+        L = pos.shape[1]
+        for s, e in _chunks(seg.numel(), M * L * max(a.shape[2], out_side)):
+            p = pos[s:e]
+            lhs = a[:, a_idx[p]].permute(1, 0, 2, 3).reshape(e - s, M, L * a.shape[2])
+            out[:, seg[s:e]] = torch.bmm(lhs, b_blocks(p)).transpose(0, 1)
+    return out
+
+
 def forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation):
     M, K = x.shape
     nnzb, bn, bk = values.shape
-    R = row_ptr.numel() - 1
-    C = -(-K // bk)
+    R, C = row_ptr.numel() - 1, -(-K // bk)
     cd = _compute_dtype(x.dtype)
-    xb = _blocked(x, bk, C, cd)                                  # [C, M, BK]
-    vt = values.to(cd).transpose(1, 2)                           # [nnzb, BK, BN]
-    yb = torch.zeros(R, M, bn, dtype=cd, device=x.device)        # [R, M, BN]
-    ci, br = col_idx.long(), block_row.long()
-    for s, e in _chunks(nnzb, M * max(bn, bk)):
-        yb.index_add_(0, br[s:e], torch.bmm(xb[ci[s:e]], vt[s:e]))
-    y = yb.transpose(0, 1).reshape(M, R * bn)[:, :out_features]
+    v = values.to(cd)
+    blocks = lambda p: v[p].transpose(2, 3).reshape(p.shape[0], p.shape[1] * bk, bn)  # [n, L*BK, BN]
+    y = _grouped_spmm(_blocked(x, bk, C, cd), row_ptr, col_idx.long(), blocks, R, bn)
+    y = y.reshape(M, R * bn)[:, :out_features]
     if bias is not None:
         y = y + bias.to(cd)
     return activate(y, activation).to(x.dtype)
 
 
 def grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
-    """dX = dY @ W, walking the kept blocks column by column (CSC order)."""
+    """dX = dY @ W, walking the kept blocks column by column (CSC order via ``t_perm``)."""
     M, N = dy.shape
     nnzb, bn, bk = values.shape
-    C = col_ptr.numel() - 1
-    R = -(-N // bn)
+    C, R = col_ptr.numel() - 1, -(-N // bn)
     cd = _compute_dtype(dy.dtype)
-    dyb = _blocked(dy, bn, R, cd)                                 # [R, M, BN]
-    counts = (col_ptr[1:] - col_ptr[:-1]).long()
-    col_of = torch.repeat_interleave(torch.arange(C, device=dy.device), counts)  # [nnzb] CSC order
-    perm, ri = t_perm.long(), row_idx.long()
-    dxb = torch.zeros(C, M, bk, dtype=cd, device=dy.device)
-    for s, e in _chunks(nnzb, M * max(bn, bk)):
-        dxb.index_add_(0, col_of[s:e], torch.bmm(dyb[ri[s:e]], values[perm[s:e]].to(cd)))
-    return dxb.transpose(0, 1).reshape(M, C * bk)[:, :in_features].to(dy.dtype)
+    v, perm = values.to(cd), t_perm.long()
+    blocks = lambda p: v[perm[p]].reshape(p.shape[0], p.shape[1] * bn, bk)  # [n, L*BN, BK]
+    dx = _grouped_spmm(_blocked(dy, bn, R, cd), col_ptr, row_idx.long(), blocks, C, bk)
+    return dx.reshape(M, C * bk)[:, :in_features].to(dy.dtype)
 
 
 def grad_weight(dy, x, block_row, col_idx, block):
-    """dV[i] = dY[:, rows of block i]^T @ X[:, cols of block i], for kept blocks only."""
+    """dV[i] = dY[:, rows of block i]^T @ X[:, cols of block i], for kept blocks only.
+
+    Grouped by block-row like the forward: one GEMM ``[BN, M] @ [M, L*BK]`` per row.
+    """
     bn, bk = block
     M = dy.shape[0]
-    nnzb = col_idx.numel()
     cd = _compute_dtype(dy.dtype)
-    dyb = _blocked(dy, bn, -(-dy.shape[1] // bn), cd)             # [R, M, BN]
-    xb = _blocked(x, bk, -(-x.shape[1] // bk), cd)                # [C, M, BK]
-    out = torch.empty(nnzb, bn, bk, dtype=dy.dtype, device=dy.device)
-    br, ci = block_row.long(), col_idx.long()
-    for s, e in _chunks(nnzb, M * max(bn, bk)):
-        out[s:e] = torch.bmm(dyb[br[s:e]].transpose(1, 2), xb[ci[s:e]]).to(dy.dtype)
+    R = -(-dy.shape[1] // bn)
+    row_ptr = F.pad(torch.bincount(block_row.long(), minlength=R).cumsum(0), (1, 0))  # BSR order
+    dyt = _blocked(dy, bn, R, cd).permute(1, 2, 0)                       # [R, BN, M]
+    xb = _blocked(x, bk, -(-x.shape[1] // bk), cd)                       # [M, C, BK]
+    out = torch.empty(col_idx.numel(), bn, bk, dtype=dy.dtype, device=dy.device)
+    ci = col_idx.long()
+    for seg, pos in _groups(row_ptr):
+        L = pos.shape[1]
+        for s, e in _chunks(seg.numel(), M * L * max(bn, bk)):
+            p = pos[s:e]
+            rhs = xb[:, ci[p]].permute(1, 0, 2, 3).reshape(e - s, M, L * bk)
+            dv = torch.bmm(dyt[seg[s:e]], rhs)                            # [n, BN, L*BK]
+            out[p] = dv.reshape(e - s, bn, L, bk).transpose(1, 2).to(dy.dtype)
     return out

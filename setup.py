@@ -58,6 +58,10 @@ def _cuda_extension():
     return [ext], {"build_ext": build}
 
 
+# `/usr/local/bin/nvcc` wrappers make torch guess CUDA_HOME=/usr/local (no lib64/cudart):
+# prefer the real toolkit when the user did not choose one.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
 sys.path.insert(0, os.path.join(ROOT, "csrc"))
 ext_modules, cmdclass = _cuda_extension()
 

@@ -99,3 +99,9 @@ def test_device_mix():
     W = _W()
     with pytest.raises(SparseCoreError, match="x: expected device"):
         sc.ops.bsr_linear(torch.randn(3, 64, device="cuda"), W)
+
+
+def test_device_mix_without_gpu():
+    W = _W()
+    with pytest.raises(SparseCoreError, match="x: expected device cpu"):
+        sc.ops.bsr_linear(torch.empty(3, 64, device="meta"), W)

@@ -1,9 +1,135 @@
-"""The ``triton`` backend (kernels in ``sparsecore.kernels``)."""
+"""The ``triton`` backend: the kernels of ``sparsecore.kernels`` behind the backend interface.
+
+Paths (configs from ``sparsecore.kernels.configs``: tuned table, else heuristics)::
+
+    forward     M <= 64  -> bsr_decode (stream-K over kept blocks + epilogue pass)
+                M  > 64  -> bsr_fwd    (program per M tile x block-row, fused epilogue)
+    grad_input           -> bsr_dx     (program per M tile x block-column, CSC metadata)
+    grad_weight          -> bsr_dw     (program per kept block [x M split])
+
+On CUDA tensors the functions call the ``torch.library.triton_op`` ops registered here, so
+Inductor sees the kernels inside them and other libraries can call them directly:
+
+    torch.ops.sparsecore.triton_bsr_linear(x, values, row_ptr, col_idx, block_row, row_order,
+                                           out_features, bias, activation) -> y [M, N]
+    torch.ops.sparsecore.triton_bsr_linear_grad_input(dy, values, col_ptr, row_idx, t_perm,
+                                                      in_features) -> dx [M, K]
+    torch.ops.sparsecore.triton_bsr_linear_grad_weight(dy, x, block_row, col_idx, block_n,
+                                                       block_k) -> dvalues [nnzb, BN, BK]
+
+On CPU tensors (only when ``TRITON_INTERPRET=1`` was set before triton's import) the same
+launchers run plainly in the Triton interpreter: ``triton_op`` + fake tensors cannot run
+there. fp32 inputs use tf32 products on the GPU (``tl.dot`` default); fp64 is not supported
+(auto falls back to the torch backend).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..format import BLOCK_SIDES
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:
+    import triton  # noqa: F401
+
+    from ..kernels import bsr_decode, bsr_dw, bsr_dx, bsr_fwd, configs
+    from ..kernels.common import interpreting
+    _IMPORT_ERROR = None
+except ImportError as e:  # triton missing or unusable: the backend reports unavailable
+    _IMPORT_ERROR = e
 
 
 def available():
-    return False, "not built yet"
+    if _IMPORT_ERROR is not None:
+        return False, f"triton cannot be imported ({_IMPORT_ERROR})"
+    if torch.cuda.is_available() or interpreting():
+        return True, ""
+    return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"
 
 
 def supports(x, values):
-    return False
+    if _IMPORT_ERROR is not None:
+        return False
+    on_device = x.is_cuda or (x.device.type == "cpu" and interpreting())
+    return (on_device and x.dtype in DTYPES and values.dtype == x.dtype and values.dim() == 3
+            and values.shape[1] in BLOCK_SIDES and values.shape[2] in BLOCK_SIDES)
+
+
+def _rowmajor(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# -- launches shared by the triton_ops (wrap=wrap_triton) and the CPU interpreter (wrap=None)
+def _forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation, wrap=None):
+    x = _rowmajor(x)
+    bias = bias.contiguous() if bias is not None else None
+    M, K = x.shape
+    block = tuple(values.shape[1:])
+    if M <= configs.DECODE_MAX_M:
+        cfg = configs.select("decode", x.dtype, block, M, out_features, K, x.device)
+        programs = cfg["PROGRAMS_PER_SM"] * configs.sm_count(x.device)
+        return bsr_decode.bsr_decode(x, values, row_ptr, col_idx, block_row, out_features, bias, activation,
+                                     config=cfg, programs=programs, wrap=wrap)
+    cfg = configs.select("fwd", x.dtype, block, M, out_features, K, x.device)
+    return bsr_fwd.bsr_fwd(x, values, row_ptr, col_idx, row_order, out_features, bias, activation,
+                           config=cfg, wrap=wrap)
+
+
+def _grad_input(dy, values, col_ptr, row_idx, t_perm, in_features, wrap=None):
+    dy = _rowmajor(dy)
+    cfg = configs.select("dx", dy.dtype, tuple(values.shape[1:]), dy.shape[0], dy.shape[1], in_features,
+                         dy.device)
+    return bsr_dx.bsr_dx(dy, values, col_ptr, row_idx, t_perm, in_features, config=cfg, wrap=wrap)
+
+
+def _grad_weight(dy, x, block_row, col_idx, block, wrap=None):
+    dy, x = _rowmajor(dy), _rowmajor(x)
+    cfg = configs.select("dw", dy.dtype, block, dy.shape[0], dy.shape[1], x.shape[1], dy.device)
+    programs = cfg["PROGRAMS_PER_SM"] * configs.sm_count(dy.device)
+    return bsr_dw.bsr_dw(dy, x, block_row, col_idx, block, config=cfg, programs=programs, wrap=wrap)
+
+
+if _IMPORT_ERROR is None:
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("sparsecore::triton_bsr_linear", mutates_args=())
+    def _op_forward(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor,
+                    row_order: Tensor, out_features: int, bias: Optional[Tensor] = None,
+                    activation: str = "none") -> Tensor:
+        return _forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation,
+                        wrap_triton)
+
+    @triton_op("sparsecore::triton_bsr_linear_grad_input", mutates_args=())
+    def _op_grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, t_perm: Tensor,
+                       in_features: int) -> Tensor:
+        return _grad_input(dy, values, col_ptr, row_idx, t_perm, in_features, wrap_triton)
+
+    @triton_op("sparsecore::triton_bsr_linear_grad_weight", mutates_args=())
+    def _op_grad_weight(dy: Tensor, x: Tensor, block_row: Tensor, col_idx: Tensor, block_n: int,
+                        block_k: int) -> Tensor:
+        return _grad_weight(dy, x, block_row, col_idx, (block_n, block_k), wrap_triton)
+
+
+# -- the backend interface (see sparsecore.backends) ----------------------------------------
+def forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation):
+    if x.is_cuda:
+        return torch.ops.sparsecore.triton_bsr_linear(x, values, row_ptr, col_idx, block_row, row_order,
+                                                      out_features, bias, activation)
+    return _forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation)
+
+
+def grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
+    if dy.is_cuda:
+        return torch.ops.sparsecore.triton_bsr_linear_grad_input(dy, values, col_ptr, row_idx, t_perm,
+                                                                 in_features)
+    return _grad_input(dy, values, col_ptr, row_idx, t_perm, in_features)
+
+
+def grad_weight(dy, x, block_row, col_idx, block):
+    if dy.is_cuda:
+        return torch.ops.sparsecore.triton_bsr_linear_grad_weight(dy, x, block_row, col_idx, block[0], block[1])
+    return _grad_weight(dy, x, block_row, col_idx, block)

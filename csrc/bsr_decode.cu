@@ -1,0 +1,137 @@
+// Decode forward (M <= 16, BK >= 32): memory-bound, so every kept weight byte is read once
+// with 16-byte loads and all SMs get work whatever the row lengths.
+//
+//   warps split the global list of kept blocks (BSR order) into equal contiguous ranges;
+//   a warp walks its range block by block, for each 32-column slice of a block:
+//     lane (g = lane/4, t = lane%4) loads 16 B of x rows g and g+8 at columns 8t..8t+7,
+//     and 16 B of values row n = 8q + g at the same columns, for every n8 group q
+//     (BN/8 independent 16-byte loads in flight per lane), then two mma.sync m16n8k16.
+//   The k order inside a 32-column slice is permuted identically for x and W (the dot
+//   product does not care): phys column 8t+e (e < 8) is logical  2t + (e&1) + 8*((e>>1)&1)
+//   of mma (e >> 2). So one 16-byte load is exactly a lane's B fragment of two mmas.
+//   Partial sums (fp32, rows m < M) go to workspace [M, R*BN] with atomicAdd whenever the
+//   warp leaves a block-row; bsr_finalize then writes y = act(workspace + bias).
+#include "bsr_common.cuh"
+
+namespace sparsecore {
+namespace {
+
+constexpr int kDecodeThreads = 256;
+constexpr int kDecodeWarpsPerSM = 16;  // target resident warps per SM when splitting
+
+__device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
+
+template <typename T, int BN>
+__device__ __forceinline__ void flush(const BsrParams& p, int r, int g, int t, float (&acc)[BN / 8][4]) {
+  const int ldw = p.R * BN;
+#pragma unroll
+  for (int q = 0; q < BN / 8; ++q) {
+    const int n = r * BN + q * 8 + 2 * t;
+    if (g < p.M) {
+      atomicAdd(p.workspace + static_cast<int64_t>(g) * ldw + n, acc[q][0]);
+      atomicAdd(p.workspace + static_cast<int64_t>(g) * ldw + n + 1, acc[q][1]);
+    }
+    if (g + 8 < p.M) {
+      atomicAdd(p.workspace + static_cast<int64_t>(g + 8) * ldw + n, acc[q][2]);
+      atomicAdd(p.workspace + static_cast<int64_t>(g + 8) * ldw + n + 1, acc[q][3]);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[q][e] = 0.f;
+  }
+}
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(kDecodeThreads) bsr_fwd_decode(const BsrParams p, int blocks_per_warp) {
+  const int lane = threadIdx.x & 31;
+  const int warp = (blockIdx.x * kDecodeThreads + threadIdx.x) >> 5;
+  const int b0 = warp * blocks_per_warp;
+  const int b1 = min(p.nnzb, b0 + blocks_per_warp);
+  const int g = lane >> 2, t = lane & 3;
+  const int BK = 1 << p.bk_shift;
+  const T* x = static_cast<const T*>(p.x);
+  const T* x_lo = x + static_cast<int64_t>(g) * p.ldx;       // row g
+  const T* x_hi = x + static_cast<int64_t>(g + 8) * p.ldx;   // row g + 8
+  const bool lo_ok = g < p.M, hi_ok = g + 8 < p.M;
+
+  float acc[BN / 8][4] = {};
+  int cur = b0 < b1 ? p.block_row[b0] : -1;
+  for (int i = b0; i < b1; ++i) {
+    const int r = p.block_row[i];
+    if (r != cur) {
+      flush<T, BN>(p, cur, g, t, acc);
+      cur = r;
+    }
+    const int kcol = p.col_idx[i] << p.bk_shift;  // first column of x for this block
+    const T* v = static_cast<const T*>(p.values) + ((static_cast<int64_t>(i) * BN + g) << p.bk_shift) + 8 * t;
+#pragma unroll 1
+    for (int ks = 0; ks < BK; ks += 32) {
+      const int k = kcol + ks + 8 * t;
+      uint4 bq[BN / 8];
+#pragma unroll
+      for (int q = 0; q < BN / 8; ++q) bq[q] = ldg16(v + ((q * 8) << p.bk_shift) + ks);
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      const uint4 xl = (lo_ok && k < p.Kx) ? ldg16(x_lo + k) : zero;
+      const uint4 xh = (hi_ok && k < p.Kx) ? ldg16(x_hi + k) : zero;
+      const uint32_t a0[4] = {xl.x, xh.x, xl.y, xh.y};  // phys columns 8t+0..3
+      const uint32_t a1[4] = {xl.z, xh.z, xl.w, xh.w};  // phys columns 8t+4..7
+#pragma unroll
+      for (int q = 0; q < BN / 8; ++q) {
+        mma16816<T>(acc[q], a0, bq[q].x, bq[q].y);
+        mma16816<T>(acc[q], a1, bq[q].z, bq[q].w);
+      }
+    }
+  }
+  if (cur >= 0) flush<T, BN>(p, cur, g, t, acc);
+}
+
+// y[m, n] = act(workspace[m, n] + bias[n]) for n < N; one thread per output element.
+template <typename T>
+__global__ void bsr_finalize(const BsrParams p, int ldw) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<int64_t>(p.M) * p.N) return;
+  const int m = static_cast<int>(idx / p.N), n = static_cast<int>(idx % p.N);
+  float z = p.workspace[static_cast<int64_t>(m) * ldw + n];
+  if (p.bias) z += Elem<T>::to_float(static_cast<const T*>(p.bias)[n]);
+  static_cast<T*>(p.y)[idx] = Elem<T>::from_float(activate(z, p.activation));
+}
+
+template <typename T, int BN>
+cudaError_t launch(const BsrParams& p, int num_sms, cudaStream_t stream) {
+  const int warps_target = num_sms * kDecodeWarpsPerSM;
+  const int per_warp = (p.nnzb + warps_target - 1) / warps_target;  // >= 1 when nnzb > 0
+  const int warps = (p.nnzb + per_warp - 1) / per_warp;
+  const int ctas = (warps * 32 + kDecodeThreads - 1) / kDecodeThreads;
+  bsr_fwd_decode<T, BN><<<ctas, kDecodeThreads, 0, stream>>>(p, per_warp);
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_fin(const BsrParams& p, int bn, cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(p.M) * p.N;
+  bsr_finalize<T><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(p, p.R * bn);
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_bn(const BsrParams& p, int bn, int num_sms, cudaStream_t stream) {
+  switch (bn) {
+    case 16: return launch<T, 16>(p, num_sms, stream);
+    case 32: return launch<T, 32>(p, num_sms, stream);
+    case 64: return launch<T, 64>(p, num_sms, stream);
+    case 128: return launch<T, 128>(p, num_sms, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream) {
+  return dt == kFloat16 ? launch_bn<__half>(p, bn, num_sms, stream)
+                        : launch_bn<__nv_bfloat16>(p, bn, num_sms, stream);
+}
+
+cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {
+  return dt == kFloat16 ? launch_fin<__half>(p, bn, stream) : launch_fin<__nv_bfloat16>(p, bn, stream);
+}
+
+}  // namespace sparsecore

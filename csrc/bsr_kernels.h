@@ -1,0 +1,57 @@
+// Host-side interface of the block-sparse forward kernels (no torch headers: the .cu files
+// stay light to compile; sparsecore_ops.cpp validates tensors and fills BsrParams).
+//
+//   y[M, N] = act(x[M, K] @ W^T + bias),  W [N, K] stored as BSR blocks of (BN, BK):
+//
+//   values    [nnzb, BN, BK]  contiguous, fp16 | bf16, 16-byte aligned
+//   row_ptr   [R + 1] int32   kept blocks of block-row r: values[row_ptr[r] .. row_ptr[r+1])
+//   col_idx   [nnzb]  int32   block-column of each kept block
+//   block_row [nnzb]  int32   block-row of each kept block (decode kernel)
+//   row_order [R]     int32   launch order of block-rows (heaviest first)
+//   x         [M, ldx]        row-major, 16-byte aligned, ldx % 8 == 0; columns >= Kx read as 0
+//   y         [M, N]          contiguous, written in full (empty block-rows get act(bias))
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace sparsecore {
+
+enum Activation : int { kActNone = 0, kActRelu = 1, kActGelu = 2, kActSilu = 3 };
+enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+struct BsrParams {
+  const void* x;
+  const void* values;
+  const int32_t* row_ptr;
+  const int32_t* col_idx;
+  const int32_t* block_row;
+  const int32_t* row_order;
+  const void* bias;  // [N] or nullptr
+  void* y;
+  float* workspace;  // decode only: fp32 [M, R*BN], zeroed
+  int M, N, R, nnzb;
+  int Kx, ldx;
+  int bk_shift;  // log2(BK)
+  int activation;
+};
+
+// Each launcher makes exactly one kernel launch on `stream` (the caller checks it with
+// C10_CUDA_KERNEL_LAUNCH_CHECK) and returns the status of its setup calls.
+// bn: block rows (16, 32, 64, 128); BK comes from p.bk_shift (16 .. 128).
+
+// sm80+ prefill: cp.async pipeline, ldmatrix, mma.sync m16n8k16. Tile 128 x BN.
+cudaError_t launch_bsr_sm80(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
+
+// sm90a prefill: cp.async pipeline, wgmma.mma_async (2 warpgroups x m64). Tile 128 x BN.
+// Only for compute capability 9.0, and only when built for sm_90a (bsr_sm90_built()).
+cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
+bool bsr_sm90_built();
+
+// Decode (M <= 16, BK >= 32): warps split the global kept-block list, fp32 atomics into
+// p.workspace; then launch_bsr_finalize writes y = act(workspace + bias).
+constexpr int kDecodeMaxM = 16;
+cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream);
+cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
+
+}  // namespace sparsecore

@@ -1,0 +1,130 @@
+"""The benchmark harness on the CPU: runs end to end, writes DESIGN.md's CSV, and refuses
+to time a wrong result."""
+from __future__ import annotations
+
+import csv
+import logging
+
+import pytest
+import torch
+
+import sparsecore as sc
+from sparsecore import bench, cli
+from sparsecore.backends import reference
+
+# DESIGN.md "Measuring speed": these columns, in this order (extras only after them).
+DESIGN_COLUMNS = ["gpu", "torch", "triton", "cuda", "commit", "op", "provider", "dtype", "M", "N", "K", "block_n",
+                  "block_k", "density", "ms_p50", "ms_p20", "ms_p80", "tflops", "speedup_vs_dense", "pct_of_ideal",
+                  "eff_vs_oracle"]
+TINY = ["--device", "cpu", "--shapes", "128x96", "--tokens", "3", "--densities", "0.5", "--blocks", "16,32x16",
+        "--layers", "1", "--context", "8", "--rep-ms", "2", "--warmup-ms", "0", "--no-plot"]
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_end_to_end_writes_design_csv(tmp_path):
+    out = tmp_path / "out"
+    rc = cli.main(["bench", *TINY, "--ops", "fwd,bwd,mlp,decoder",
+                   "--providers", "dense,oracle,sparsecore-torch,torch-bsr", "--out", str(out)])
+    assert rc == 0
+    header, rows = _read(out / "bench.csv")
+    assert header[: len(DESIGN_COLUMNS)] == DESIGN_COLUMNS
+    seen = {(r["op"], r["provider"]) for r in rows}
+    for op in bench.OPS:
+        for prov in ("dense", "oracle", "sparsecore-torch"):
+            assert (op, prov) in seen, (op, prov)
+    assert ("fwd", "torch-bsr") in seen
+    assert not any(r["op"] == "bwd" and r["provider"] == "torch-bsr" for r in rows)  # no backward there
+    for r in rows:
+        assert r["gpu"].startswith("cpu") and r["torch"] == torch.__version__ and r["dtype"] == "fp32"
+        p20, p50, p80 = float(r["ms_p20"]), float(r["ms_p50"]), float(r["ms_p80"])
+        assert 0 < p20 <= p50 <= p80
+        assert float(r["rel_err"]) <= float(r["tol"])
+        speedup, density = float(r["speedup_vs_dense"]), float(r["density"])
+        assert float(r["pct_of_ideal"]) == pytest.approx(speedup * density, rel=1e-4)
+        if r["provider"] == "dense":
+            assert speedup == 1.0 and density == 1.0 and r["eff_vs_oracle"] == ""
+        else:
+            assert 0 < density < 1 and float(r["eff_vs_oracle"]) > 0
+        if r["provider"] == "oracle":
+            assert float(r["eff_vs_oracle"]) == 1.0
+        if r["provider"] == "sparsecore-torch":
+            # the realized density of a random mask keeping round(0.5 * blocks)
+            assert density == pytest.approx(0.5, abs=0.05)
+            assert (r["block_n"], r["block_k"]) in {("16", "16"), ("32", "16")}
+        if r["op"] == "decoder":
+            assert float(r["tokens_per_s"]) == pytest.approx(3 / (p50 * 1e-3), rel=1e-4)
+            assert (r["N"], r["K"]) == ("896", "256")  # the tiny decoder on the CPU
+    table = (out / "table.txt").read_text()
+    assert "sparsecore-torch" in table and "speedup" in table
+
+
+@pytest.mark.parametrize("fn, op", [("forward", "fwd"), ("forward", "mlp"), ("grad_input", "bwd"),
+                                    ("grad_weight", "bwd")])
+def test_wrong_kernel_fails_the_row(monkeypatch, tmp_path, caplog, fn, op):
+    real = getattr(reference, fn)
+    monkeypatch.setattr(reference, fn, lambda *a: real(*a) * 1.05)  # 5% off: far past fp32 tolerance
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR, logger="sparsecore.bench"):
+        rc = cli.main(["bench", *TINY, "--ops", op, "--providers", "dense,sparsecore-torch", "--out", str(out)])
+    assert rc == 1
+    assert "WRONG RESULT provider sparsecore-torch" in caplog.text and "M=3 N=128 K=96" in caplog.text
+    _, rows = _read(out / "bench.csv")
+    assert {r["provider"] for r in rows} == {"dense"}  # the wrong rows are never timed
+
+
+def test_wrong_kernel_raises_from_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(reference, "forward", lambda x, values, *a: torch.zeros(x.shape[0], a[-3], dtype=x.dtype))
+    args = _parser().parse_args([*TINY, "--ops", "fwd", "--providers", "sparsecore-torch", "--out", str(tmp_path)])
+    with pytest.raises(bench.BenchError, match=r"sparsecore-torch.*M=3 N=128 K=96.*block=16x16"):
+        bench.run(bench.make_config(args))
+
+
+def _parser():
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p
+
+
+def test_flags_parse_and_reject(tmp_path):
+    cfg = bench.make_config(_parser().parse_args(
+        ["--device", "cpu", "--shapes", "llama3-8b-up,64x32", "--blocks", "64,64x32", "--densities", "0.1",
+         "--tokens", "1,16", "--dtype", "fp32,bf16", "--out", str(tmp_path)]))
+    assert cfg.shapes == (("llama3-8b-up", 14336, 4096), ("64x32", 64, 32))
+    assert cfg.blocks == ((64, 64), (64, 32)) and cfg.tokens == (1, 16)
+    assert cfg.dtypes == (torch.float32, torch.bfloat16)
+    assert cfg.providers == bench.CPU_PROVIDERS and cfg.decoder == "tiny"
+    for flag, value in (("--blocks", "24"), ("--densities", "0"), ("--shapes", "12xa"), ("--ops", "conv"),
+                        ("--providers", "cusparse"), ("--tokens", "-1")):
+        with pytest.raises(sc.SparseCoreError, match=flag):
+            bench.make_config(_parser().parse_args(["--device", "cpu", flag, value]))
+
+
+def test_structures_keep_what_they_claim():
+    w = torch.randn(8, 64)
+    w24 = bench.two_four(w)
+    groups, kept = w.reshape(8, 16, 4), w24.reshape(8, 16, 4)
+    assert ((kept != 0).sum(-1) == 2).all()
+    # the kept two are the two largest magnitudes of each group
+    assert torch.equal(kept.abs().sum(-1), groups.abs().topk(2, dim=-1).values.sum(-1))
+    assert bench.packed_k(4096, 0.1) == 416 and bench.packed_k(96, 0.01) == 16 and bench.packed_k(96, 1.0) == 96
+
+
+def test_cpu_timer_quantiles_order():
+    x = torch.randn(64, 64)
+    p50, p20, p80 = bench.time_cpu(lambda: x @ x, warmup_ms=1, rep_ms=5)
+    assert 0 < p20 <= p50 <= p80
+
+
+def test_plot_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [dict(gpu="cpu", torch="t", commit="c", op="fwd", provider=p, block_n=b, block_k=b, density=d,
+                 speedup_vs_dense=s) for p, b, d, s in (("dense", 0, 1.0, 1.0), ("sparsecore-torch", 32, 0.5, 1.5),
+                                                        ("sparsecore-torch", 32, 0.1, 4.0))]
+    assert bench.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,10 +2,24 @@
 
 ``block_mask`` (magnitude) is the core; activation-aware pruners compute an element
 importance and hand it to ``block_mask(score=...)``. ``plan`` decides the masks (and
-optionally refitted weights) for the layers that ``sparsecore.sparsify`` swaps.
+refitted weights) for the layers that ``sparsecore.sparsify`` swaps.
+
+    magnitude    block scores + exact top-k selection
+    wanda        activation-aware importance |W| * ||x||
+    calibrate    forward hooks collecting input statistics (norms, Gram matrices)
+    reconstruct  least-squares refit of the kept blocks
+    oneshot      plan(): importance -> allocation -> selection -> refit, layer by layer
+    gradual      cubic-schedule pruning during training (GradualPruner)
+    report       predicted speedup per layer from a benchmark CSV; dense fallback
 """
 from ..format import BlockMask
 from .magnitude import block_mask, block_scores, check_sparsity, select_blocks
-from .oneshot import METHODS, plan
+from .oneshot import ALLOCATIONS, METHODS, global_allocation, plan
+from .reconstruct import output_error, refit
+from .wanda import importance as wanda_importance
+from .gradual import GradualPruner, cubic_sparsity, replace_in_optimizer  # noqa: E402 (imports ..nn)
+from .report import layer_report, predict_speedup, sparse_filter
 
-__all__ = ["BlockMask", "block_mask", "block_scores", "select_blocks", "check_sparsity", "plan", "METHODS"]
+__all__ = ["BlockMask", "block_mask", "block_scores", "select_blocks", "check_sparsity", "plan", "METHODS",
+           "ALLOCATIONS", "global_allocation", "refit", "output_error", "wanda_importance", "GradualPruner",
+           "cubic_sparsity", "replace_in_optimizer", "layer_report", "predict_speedup", "sparse_filter"]

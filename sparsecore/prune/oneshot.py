@@ -1,16 +1,159 @@
-"""One-shot planning: a mask (and optionally a new weight) for each target Linear."""
+"""One-shot planning: a block mask (and a refitted weight) for each target Linear.
+
+``plan`` is what ``sparsecore.sparsify`` calls. Steps, per target layer ``W [N, K]``::
+
+    importance  magnitude: |W| ("l1") or W^2 ("l2")
+                wanda:     |W| * ||x_j|| or W^2 * ||x_j||^2   (calibration input norms)
+    allocation  "uniform": every layer at ``sparsity``
+                "global":  one threshold over all layers' block scores, each layer's scores
+                           divided by its mean block score (per element of block area);
+                           kept area = density * total area, rounded to whole blocks
+                {fqn: s}:  explicit per-layer sparsity (others get ``sparsity``)
+    selection   magnitude.block_mask (top-k blocks, optionally balanced per block-row)
+    refit       reconstruct=True: reconstruct.refit on the calibration Gram matrix
+
+With ``sequential=True`` (the default when refitting) layers are pruned stage by stage in
+call order — a stage is the layers fed the same input, e.g. q/k/v — and each stage's
+statistics come from a fresh pass through the model with all earlier stages already
+pruned (as SparseGPT does); each pass stops once the stage has run.
+"""
 from __future__ import annotations
 
-from ..errors import check
-from .magnitude import block_mask
+import logging
 
-METHODS = ("magnitude",)
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import check
+from ..format import normalize_block
+from . import calibrate, reconstruct as recon, wanda
+from .magnitude import block_mask, block_scores, check_sparsity
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda")
+ALLOCATIONS = ("uniform", "global")
+
+
+def _layer_blocks(targets, block, layer_block) -> dict:
+    out = {}
+    for fqn, lin in targets:
+        b = None
+        if isinstance(layer_block, dict):
+            b = layer_block.get(fqn)
+        elif callable(layer_block):
+            b = layer_block(lin, fqn)
+        out[fqn] = block if b is None else normalize_block(b)
+    return out
+
+
+def global_allocation(scores: dict, areas: dict, sparsity: float) -> dict:
+    """Per-layer sparsity from one threshold over normalised block scores.
+
+    ``scores``: {fqn: float ``[R, C]`` block scores}; ``areas``: {fqn: BN*BK}. Each layer's scores
+    are divided by its mean block score; blocks are kept in descending order while the kept
+    area is <= ``(1 - sparsity) * total area`` + half a block (ties: layer order, then index).
+    """
+    names = list(scores)
+    norm, area, owner = [], [], []
+    for i, fqn in enumerate(names):
+        s = scores[fqn].double().reshape(-1)
+        mean = float(s.mean())
+        norm.append(s / mean if mean > 0 else torch.ones_like(s))
+        area.append(torch.full_like(s, float(areas[fqn])))
+        owner.append(torch.full((s.numel(),), i, dtype=torch.long))
+    norm, area, owner = torch.cat(norm), torch.cat(area), torch.cat(owner)
+    order = torch.sort(norm, descending=True, stable=True).indices
+    csum = area[order].cumsum(0)
+    kept = order[csum <= (1.0 - sparsity) * float(area.sum()) + area[order] / 2]
+    counts = torch.bincount(owner[kept], minlength=len(names))
+    return {fqn: 1.0 - int(counts[i]) / scores[fqn].numel() for i, fqn in enumerate(names)}
 
 
 def plan(model, targets, *, block, sparsity, method="magnitude", calibration=None, reconstruct=False,
-         balanced=False, score="l2"):
-    """Return ``{fqn: (BlockMask, weight or None)}`` for ``targets`` = [(fqn, nn.Linear)]."""
+         balanced=False, score="l2", allocation="uniform", layer_block=None, sequential=None, damp=0.01):
+    """Return ``{fqn: (BlockMask, weight or None)}`` for ``targets`` = [(fqn, nn.Linear)].
+
+    ``calibration`` (iterable of model inputs, replayed several times when sequential) is
+    needed for ``method="wanda"`` and for ``reconstruct=True``. ``layer_block``: {fqn: block}
+    or ``callable(module, fqn) -> block | None`` overriding ``block`` per layer.
+    ``sequential``: default ``reconstruct``. ``damp``: ridge of the refit (fraction of the
+    mean diagonal of ``X^T X``).
+
+    The targets are left holding their pruned (refit) weight and bias, which ``sparsify``
+    copies into the ``SparseLinear`` that replaces them; on error they are restored.
+    """
     check(method in METHODS, "method", f"one of {METHODS}", repr(method))
-    check(not reconstruct, "reconstruct", f"False for method {method!r} (needs calibration data)", reconstruct)
-    return {fqn: (block_mask(lin.weight.detach(), block, sparsity, score=score, balanced=balanced), None)
-            for fqn, lin in targets}
+    check(score in wanda.SCORES, "score", f"one of {wanda.SCORES}", repr(score))
+    check(allocation in ALLOCATIONS or isinstance(allocation, dict), "allocation",
+          f"one of {ALLOCATIONS} or a dict {{fqn: sparsity}}", repr(allocation))
+    check(layer_block is None or isinstance(layer_block, dict) or callable(layer_block), "layer_block",
+          "None, a dict {fqn: block} or a callable(module, fqn)", type(layer_block).__name__)
+    needs_data = method == "wanda" or reconstruct
+    check(not needs_data or calibration is not None, "calibration",
+          f"an iterable of model inputs for method={method!r}, reconstruct={reconstruct}", None)
+    sequential = bool(reconstruct) if sequential is None else bool(sequential)
+    layers = dict(targets)
+    blocks = _layer_blocks(targets, block, layer_block)
+    sparsities = {fqn: sparsity for fqn in layers}
+    if isinstance(allocation, dict):
+        unknown = sorted(set(allocation) - set(layers))
+        check(not unknown, "allocation", "fqns of layers being pruned", unknown[:3])
+        sparsities.update({fqn: check_sparsity(s) for fqn, s in allocation.items()})
+
+    batches = calibrate.as_batches(calibration) if needs_data else None
+    first = calibrate.collect(model, layers, batches, gram=reconstruct and not sequential) if needs_data else None
+
+    def importance(fqn, stats):
+        w = layers[fqn].weight.detach()
+        if method == "wanda":
+            return wanda.importance(w, stats.sq_norm, score)
+        return w.abs().float() if score == "l1" else w.float() ** 2
+
+    if allocation == "global":
+        scores = {f: block_scores(importance(f, first.stats[f] if first else None), blocks[f]) for f in layers}
+        sparsities = global_allocation(scores, {f: blocks[f][0] * blocks[f][1] for f in layers}, sparsity)
+
+    originals = {f: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+                 for f, lin in layers.items()}
+    out = {}
+
+    def prune_layer(fqn, stats):
+        lin = layers[fqn]
+        w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+        mask = block_mask(w, blocks[fqn], sparsities[fqn], score=importance(fqn, stats), balanced=balanced)
+        w_new, b_new = w * mask.to_dense().to(w.dtype), b
+        if reconstruct:
+            plain = recon.output_error(w_new, b, w, b, stats.gram)
+            w_new, b_new = recon.refit(w, b, mask, stats.gram, damp)
+            log.info("prune %s: sparsity %.3f, rel. output error %.4f masked -> %.4f refit (%d tokens)",
+                     fqn, mask.sparsity, plain, recon.output_error(w_new, b_new, w, b, stats.gram), stats.tokens)
+        else:
+            log.debug("prune %s: sparsity %.3f", fqn, mask.sparsity)
+        with torch.no_grad():
+            lin.weight.copy_(w_new)
+            if b is not None:
+                lin.bias.copy_(b_new)
+        out[fqn] = (mask, None)
+
+    try:
+        if not sequential:
+            for fqn in tqdm(list(layers), desc="prune", leave=False, disable=None):
+                prune_layer(fqn, first.stats[fqn] if first else None)
+        else:
+            groups = calibrate.stages(first) if first else [[f] for f in layers]
+            shared = first is not None and any(first.calls[f] > len(batches) for f in layers)
+            for i, stage in enumerate(tqdm(groups, desc="prune (sequential)", leave=False, disable=None)):
+                c = calibrate.collect(model, {f: layers[f] for f in stage}, batches, gram=reconstruct,
+                                      stop_early=not shared, desc=f"stage {i + 1}/{len(groups)}") if needs_data else None
+                for fqn in stage:
+                    prune_layer(fqn, c.stats[fqn] if c else None)
+    except BaseException:
+        with torch.no_grad():
+            for f, (w, b) in originals.items():
+                layers[f].weight.copy_(w)
+                if b is not None:
+                    layers[f].bias.copy_(b)
+        raise
+    return out
+

@@ -1,0 +1,84 @@
+"""Refit the kept blocks of a pruned layer to its dense output on calibration inputs.
+
+With ``A = [X | 1]`` the calibration inputs ``[T, K+1]`` and ``G = A^T A`` (``LayerStats.gram``),
+each output row ``i`` in block-row ``r`` keeps only the columns ``S_r`` of the blocks kept in
+that block-row (plus the bias column when the layer has a bias). Its new weights solve::
+
+    min_w  || A_S w - A [W_i, b_i]^T ||^2 + lam ||w_weights||^2
+    (G_SS + lam I') w = G_S: [W_i, b_i]^T              lam = damp * mean(diag(X^T X))
+
+by a Cholesky factorization of ``G_SS + lam I'`` (float64), shared by the BN rows of the
+block-row (and by every block-row with the same kept columns)::
+
+        W [N, K]                 block-row r keeps column blocks {0, 2}
+        +----+----+----+         S_r = cols of blocks 0 and 2 (+ bias column)
+    r   |keep|    |keep|  --->   rows of r: [BN, |S_r|] = solve(G[S_r, S_r] + lam, G[S_r, :] @ W_aug[rows].T)
+        +----+----+----+
+
+``I'`` is the identity without the bias entry (the bias is not damped). The bias is refit
+along with the weights, which absorbs the mean shift that pruning causes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import check
+from ..format import BlockMask
+
+
+def _augmented(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    b = bias if bias is not None else w.new_zeros(w.shape[0])
+    return torch.cat([w.double(), b.double()[:, None]], 1)  # [N, K+1]
+
+
+def refit(w: torch.Tensor, bias: torch.Tensor | None, mask: BlockMask, gram: torch.Tensor, damp: float = 0.01):
+    """Least-squares refit of the kept blocks (module docstring). Returns ``(w_new, bias_new)``:
+    ``w_new [N, K]`` in ``w``'s dtype with zeros outside ``mask``; ``bias_new`` or None."""
+    N, K = w.shape
+    check(tuple(gram.shape) == (K + 1, K + 1), "gram", f"shape {(K + 1, K + 1)} ([X | 1]^T [X | 1])",
+          f"shape {tuple(gram.shape)}")
+    check(isinstance(damp, (int, float)) and damp > 0, "damp", "a positive number", repr(damp))
+    check(mask.shape == (N, K), "mask", f"a BlockMask for shape {(N, K)}", f"one for shape {mask.shape}")
+    G = gram.double().to(w.device)
+    W = _augmented(w, bias).to(G.device)                       # [N, K+1]
+    lam = damp * float(G.diagonal()[:K].mean().clamp_min(1e-12))
+    bn, bk = mask.block
+    col_mask = mask.mask.to(G.device).repeat_interleave(bk, 1)[:, :K]   # [R, K] element columns kept
+    out = torch.zeros_like(W)
+    groups: dict[bytes, list[int]] = {}
+    for r, key in enumerate(col_mask.cpu().numpy()):
+        groups.setdefault(key.tobytes(), []).append(r)
+    for rows_of in groups.values():
+        cols = col_mask[rows_of[0]].nonzero().squeeze(1)
+        if bias is not None:
+            cols = torch.cat([cols, cols.new_tensor([K])])
+        if cols.numel() == 0:
+            continue
+        rows = torch.cat([torch.arange(r * bn, min(N, (r + 1) * bn), device=G.device) for r in rows_of])
+        Gs = G[cols][:, cols].clone()
+        Gs.diagonal()[: cols.numel() - (bias is not None)] += lam
+        rhs = G[cols] @ W[rows].T                              # [|S|, rows]
+        out[rows[:, None], cols[None, :]] = _solve_spd(Gs, rhs).T
+    w_new = out[:, :K].to(w.dtype)
+    return w_new, (out[:, K].to(bias.dtype) if bias is not None else None)
+
+
+def _solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cholesky solve; if ``A`` is not positive definite in float64, add damping until it is."""
+    extra = 0.0
+    scale = float(A.diagonal().abs().mean().clamp_min(1e-12))
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(A + extra * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+        if int(info) == 0:
+            return torch.cholesky_solve(b, L)
+        extra = scale * 1e-6 if extra == 0.0 else extra * 100
+    raise torch.linalg.LinAlgError("refit: calibration Gram matrix is not positive definite even with damping")
+
+
+def output_error(w_new, bias_new, w, bias, gram) -> float:
+    """Relative squared output error on the calibration tokens, from the Gram matrix alone:
+    ``||A (Wn - W)^T||^2 / ||A W^T||^2`` with ``A = [X | 1]`` (both weights augmented by bias)."""
+    G = gram.double()
+    D = _augmented(w_new, bias_new).to(G.device) - _augmented(w, bias).to(G.device)
+    Wd = _augmented(w, bias).to(G.device)
+    return float(((D @ G) * D).sum() / ((Wd @ G) * Wd).sum().clamp_min(1e-300))

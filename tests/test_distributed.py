@@ -1,0 +1,166 @@
+"""SparseLinear under torch.distributed on the CPU: DDP and FSDP2 (fully_shard), gloo, 2 processes.
+
+One spawn runs both wrappers; each rank trains on its half of the same global batches and
+saves what it saw. The test process trains the same model on the whole batches and checks:
+losses match, masks and metadata are identical on every rank (and never converted), the
+kept-block values match the single-process run (pruned blocks never exist, so never move).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import sparsecore as sc
+from sparsecore.format import META_FIELDS
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is unavailable")
+
+WORLD, STEPS, BATCH = 2, 4, 12
+MODES = ("ddp", "fsdp2")
+
+
+def build() -> nn.Module:
+    """Two SparseLinear (odd nnzb: FSDP2 pads the uneven shard of ``values``) and a dense layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 72), nn.GELU(), nn.Linear(72, 56), nn.Tanh(), nn.Linear(56, 8))
+    return sc.sparsify(model, block=(16, 32), sparsity=0.5, filter_fn=lambda m, fqn: fqn in ("0", "2"))
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 40, generator=g), torch.randn(BATCH, 8, generator=g)) for _ in range(STEPS)]
+
+
+def train(model, wrapped, rank, world):
+    """SGD with momentum on rank's slice of each global batch; returns the global mean losses."""
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for x, y in batches():
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        loss = nn.functional.mse_loss(wrapped(xs), ys)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().clone())
+    losses = torch.stack(losses)
+    if world > 1:
+        dist.all_reduce(losses)
+        losses /= world
+    return losses
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def record(model, losses, world):
+    """Losses, full parameters, and every rank's mask/metadata buffers (gathered)."""
+    out = {"losses": losses, "params": {k: full(v).detach().clone() for k, v in model.named_parameters()}}
+    bufs = {k: v.detach().clone() for k, v in model.named_buffers()}
+    out["buffer_types"] = {k: (type(v).__name__, v.dtype) for k, v in model.named_buffers()}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, bufs)
+    out["rank_buffers"] = gathered
+    out["values_types"] = [type(m.values).__name__ for m in model if isinstance(m, sc.SparseLinear)]
+    return out
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for mode in MODES:
+            model = build()
+            if mode == "ddp":
+                wrapped = nn.parallel.DistributedDataParallel(model)
+            else:
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.fsdp import fully_shard
+                mesh = init_device_mesh("cpu", (world,))
+                for layer in model:
+                    if isinstance(layer, sc.SparseLinear):
+                        fully_shard(layer, mesh=mesh)
+                wrapped = fully_shard(model, mesh=mesh)
+            losses = train(model, wrapped, rank, world)
+            result = record(model, losses, world)
+            if rank == 0:
+                torch.save(result, os.path.join(out_dir, f"{mode}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    return {mode: torch.load(out / f"{mode}.pt", weights_only=False) for mode in MODES}
+
+
+@pytest.fixture(scope="module")
+def single():
+    model = build()
+    losses = train(model, model, 0, 1)
+    return model, losses
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_losses_match_single_process(results, single, mode):
+    _, ref = single
+    got = results[mode]["losses"]
+    assert got.shape == ref.shape == (STEPS,)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ref[0], ref[-1])  # it trained
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kept_blocks_match_single_process_and_pruned_stay_zero(results, single, mode):
+    model, _ = single
+    init = build()
+    params = results[mode]["params"]
+    assert params.keys() == dict(model.named_parameters()).keys()
+    for name, ref in model.named_parameters():
+        torch.testing.assert_close(params[name], ref.detach(), rtol=1e-5, atol=1e-6)
+    for idx in ("0", "2"):
+        layer, start = model.get_submodule(idx), init.get_submodule(idx)
+        values = params[f"{idx}.values"]
+        assert values.shape == (layer.mask.sum().item(), 16, 32)  # only kept blocks exist
+        assert not torch.allclose(values, start.values)          # and they were trained
+        lin = sc.SparseLinear(layer.in_features, layer.out_features, block=(16, 32), mask=layer.mask)
+        lin.values.data.copy_(values)
+        dense = lin.dense_weight()
+        assert torch.all(dense[~layer.block_mask().to_dense()] == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_masks_and_metadata_identical_on_every_rank(results, single, mode):
+    model, _ = single
+    ref = dict(model.named_buffers())
+    types = results[mode]["buffer_types"]
+    for name, t in ref.items():
+        field = name.rpartition(".")[2]
+        assert types[name] == ("Tensor", torch.bool if field == "mask" else torch.int32), name
+        assert field == "mask" or field in META_FIELDS
+    for bufs in results[mode]["rank_buffers"]:
+        assert bufs.keys() == ref.keys()
+        for name, t in ref.items():
+            assert bufs[name].dtype == t.dtype and torch.equal(bufs[name], t), name
+
+
+def test_fsdp2_shards_values_not_buffers(results):
+    assert results["fsdp2"]["values_types"] == ["DTensor", "DTensor"]
+    assert results["ddp"]["values_types"] == ["Parameter", "Parameter"]

@@ -129,6 +129,7 @@ class Config:
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     plot: bool = True
+    threads: Optional[int] = None   # CPU: torch.set_num_threads for the run
 
 
 def _csv(arg: str, text: str, convert, allowed=None) -> tuple:
@@ -193,12 +194,13 @@ def make_config(args) -> Config:
     layers, context = int(pick("layers")), int(pick("context"))
     check(layers > 0, "--layers", "a positive int", layers)
     check(context > 0, "--context", "a positive int", context)
+    check(args.threads is None or args.threads > 0, "--threads", "a positive int", args.threads)
     return Config(
         device=device, ops=_csv("--ops", pick("ops"), str, OPS), shapes=_csv("--shapes", pick("shapes"), _shape),
         tokens=_csv("--tokens", pick("tokens"), _tokens), densities=_csv("--densities", pick("densities"), _density),
         blocks=_csv("--blocks", pick("blocks"), _block), dtypes=_csv("--dtype", pick("dtype"), DTYPES.__getitem__),
         providers=providers, layers=layers, context=context, decoder=decoder, out=Path(args.out), seed=args.seed,
-        warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, plot=not args.no_plot)
+        warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, plot=not args.no_plot, threads=args.threads)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -218,9 +220,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--out", default="out", help="directory for bench.csv, bench.png, table.txt (default ./out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's)")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per row")
     p.add_argument("--rep-ms", type=float, default=100.0, help="timed time per row")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--report", metavar="CSV", help="only print the table of an earlier run's bench.csv "
+                   "(--ops / --providers filter it)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -951,6 +956,16 @@ def run(cfg: Config) -> list:
 
     Returns the rows; raises ``BenchError`` (after writing what ran) if any row failed.
     """
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config) -> list:
     from tqdm import tqdm
 
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*beta.*")
@@ -1011,7 +1026,33 @@ def run(cfg: Config) -> list:
     return runner.rows
 
 
+INT_FIELDS = ("M", "N", "K", "block_n", "block_k", "copies")
+FLOAT_FIELDS = ("density", "ms_p50", "ms_p20", "ms_p80", "tflops", "speedup_vs_dense", "pct_of_ideal",
+                "eff_vs_oracle", "rel_err", "tol", "tokens_per_s")
+
+
+def load_csv(path) -> list:
+    """Rows of a ``bench.csv`` with numbers parsed (empty cells -> None)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in INT_FIELDS + FLOAT_FIELDS:
+            if k in r:
+                r[k] = None if r[k] in ("", None) else (int(r[k]) if k in INT_FIELDS else float(r[k]))
+    return rows
+
+
+def report(path, ops=None, providers=None) -> str:
+    """The table of an earlier run's CSV, optionally only some ops / providers."""
+    rows = [r for r in load_csv(path) if (not ops or r["op"] in ops) and (not providers or r["provider"] in providers)]
+    return format_table(rows)
+
+
 def _cli(args) -> int:
+    if args.report:
+        split = lambda t: tuple(t.split(",")) if t else None
+        print(report(args.report, split(args.ops), split(args.providers)))
+        return 0
     try:
         run(make_config(args))
     except BenchError as e:

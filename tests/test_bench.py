@@ -17,7 +17,8 @@ DESIGN_COLUMNS = ["gpu", "torch", "triton", "cuda", "commit", "op", "provider", 
                   "block_k", "density", "ms_p50", "ms_p20", "ms_p80", "tflops", "speedup_vs_dense", "pct_of_ideal",
                   "eff_vs_oracle"]
 TINY = ["--device", "cpu", "--shapes", "128x96", "--tokens", "3", "--densities", "0.5", "--blocks", "16,32x16",
-        "--layers", "1", "--context", "8", "--rep-ms", "2", "--warmup-ms", "0", "--no-plot"]
+        "--layers", "1", "--context", "8", "--rep-ms", "2", "--warmup-ms", "0", "--no-plot",
+        "--threads", "1"]
 
 
 def _read(path):
@@ -100,7 +101,7 @@ def test_flags_parse_and_reject(tmp_path):
     assert cfg.dtypes == (torch.float32, torch.bfloat16)
     assert cfg.providers == bench.CPU_PROVIDERS and cfg.decoder == "tiny"
     for flag, value in (("--blocks", "24"), ("--densities", "0"), ("--shapes", "12xa"), ("--ops", "conv"),
-                        ("--providers", "cusparse"), ("--tokens", "-1")):
+                        ("--providers", "cusparse"), ("--tokens", "-1"), ("--threads", "0")):
         with pytest.raises(sc.SparseCoreError, match=flag):
             bench.make_config(_parser().parse_args(["--device", "cpu", flag, value]))
 

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The one prepared script for a GPU machine: install (building the CUDA extension),
+# `sparsecore bench --quick`, GPU tests, compute-sanitizer (memcheck + racecheck) on a small case.
+#
+#   bash bench/device.sh            # results in $OUT (default ./out)
+#
+# Env: OUT, DEVICE_BUDGET_S, BENCH_ARGS (default --quick), MAX_JOBS (16), CUDA_HOME (from nvcc),
+# PYTHON (python3), SPARSECORE_COMMIT (default: git rev-parse, for copies without .git).
+# Files written to $OUT (at most 8): bench.csv, bench.png, table.txt, summary.txt, logs.tar.gz.
+# The whole script stays under DEVICE_BUDGET_S seconds (default 470): every stage runs under
+# `timeout`, capped by what is left. Exit status: nonzero if any stage failed — a wrong
+# benchmark result, a failed GPU test, a sanitizer error or a failed install.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./out}"
+mkdir -p "$OUT/logs"
+OUT="$(cd "$OUT" && pwd)"
+LOGS="$OUT/logs"
+BUDGET="${DEVICE_BUDGET_S:-470}"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+export MAX_JOBS="${MAX_JOBS:-16}"
+if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+    elif command -v nvcc >/dev/null; then CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+    fi
+fi
+export CUDA_HOME="${CUDA_HOME:-}"
+export SPARSECORE_COMMIT="${SPARSECORE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+
+STATUS=0
+SUMMARY=()
+# stage NAME BUDGET_S LOGFILE CMD...: run CMD under timeout min(BUDGET_S, time left - 15 s)
+stage() {
+    local name=$1 want=$2 logf=$3
+    shift 3
+    local left=$((BUDGET - SECONDS - 15))
+    local t=$((want < left ? want : left))
+    if [ "$t" -lt 20 ]; then
+        SUMMARY+=("$(printf '%-10s %-8s %5ss  (no time left)' "$name" SKIPPED 0)")
+        STATUS=1
+        return 1
+    fi
+    echo "=== $name (timeout ${t}s) : $*"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$t" "$@" >"$logf" 2>&1
+    local rc=$?
+    local verdict=ok
+    [ "$rc" -ne 0 ] && verdict="FAIL($rc)" && STATUS=1
+    [ "$rc" -eq 124 ] && verdict="TIMEOUT"
+    SUMMARY+=("$(printf '%-10s %-8s %5ss  %s' "$name" "$verdict" $((SECONDS - t0)) "$(basename "$logf")")")
+    tail -n 5 "$logf"
+    return "$rc"
+}
+
+finish() {
+    {
+        echo "sparsecore device run: commit $SPARSECORE_COMMIT, $(date -u +%FT%TZ), ${SECONDS}s"
+        nvidia-smi -L 2>/dev/null || true
+        "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
+        printf '%s\n' "${SUMMARY[@]}"
+    } >"$OUT/summary.txt"
+    tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
+    if [ -f "$OUT/bench.csv" ]; then  # short table: our kernels against the baselines
+        echo "=== bench (short): dense / oracle / sparsecore-{triton,cuda}"
+        "$PY" -m sparsecore.cli bench --report "$OUT/bench.csv" \
+            --providers dense,oracle,sparsecore-triton,sparsecore-cuda 2>&1 | head -n 120
+    fi
+    echo "=== stages"
+    cat "$OUT/summary.txt"
+    echo "device.sh: $([ "$STATUS" -eq 0 ] && echo OK || echo FAILED) in ${SECONDS}s"
+    exit "$STATUS"
+}
+
+# 1. install: editable, builds sparsecore._C from csrc/ with all cores (pure Python if it cannot)
+if ! stage install 180 "$LOGS/install.log" \
+        "$PY" -m pip install --no-deps --no-build-isolation -v -e .; then
+    echo "install failed: see logs"
+    finish
+fi
+"$PY" -m sparsecore.cli info 2>&1 | tee "$LOGS/info.log"
+
+# 2. benchmark first (the deliverable); rows stream to bench.csv, so a timeout keeps them
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+stage bench 240 "$LOGS/bench.log" "$PY" -m sparsecore.cli bench ${BENCH_ARGS:---quick} --out "$OUT"
+grep -E "WRONG RESULT|ERROR provider|FAILED|skipped" "$LOGS/bench.log" | head -n 30
+
+# 3. GPU tests
+stage gpu-tests 90 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+
+# 4. compute-sanitizer on a small case (the CUDA helper's case when it exists)
+CASE=csrc/sanitize_case.py
+[ -f "$CASE" ] || CASE=bench/sanitize_case.py
+if command -v compute-sanitizer >/dev/null; then
+    stage memcheck 45 "$LOGS/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$PY" "$CASE"
+    stage racecheck 45 "$LOGS/racecheck.log" \
+        compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 "$PY" "$CASE"
+else
+    SUMMARY+=("$(printf '%-10s %-8s %5ss  (compute-sanitizer not found)' sanitizer SKIPPED 0)")
+fi
+
+finish

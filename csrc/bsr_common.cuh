@@ -110,15 +110,20 @@ __device__ __forceinline__ void load_chunk(const BsrParams& p, uint32_t sA, uint
   const T* x = static_cast<const T*>(p.x);
   const T* vals = static_cast<const T*>(p.values) + ((static_cast<int64_t>(blk) * BN) << p.bk_shift) + kin;
   const bool col_ok = block_ok && kx < p.Kx;
+  constexpr int ROWS_PER_PASS = NT / 8;
+  static_assert(BM % ROWS_PER_PASS == 0, "x tile rows must split evenly over the threads");
 #pragma unroll
-  for (int r = tid >> 3; r < BM; r += NT / 8) {
+  for (int it = 0; it < BM / ROWS_PER_PASS; ++it) {
+    const int r = (tid >> 3) + it * ROWS_PER_PASS;
     const int m = m0 + r;
     const bool ok = col_ok && m < p.M;
     const T* src = ok ? x + static_cast<int64_t>(m) * p.ldx + kx : x;
     cp_async16(sA + swz(r, piece), src, ok);
   }
 #pragma unroll
-  for (int r = tid >> 3; r < BN; r += NT / 8) {
+  for (int it = 0; it < (BN + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++it) {
+    const int r = (tid >> 3) + it * ROWS_PER_PASS;
+    if (BN % ROWS_PER_PASS != 0 && r >= BN) break;
     const T* src = block_ok ? vals + (r << p.bk_shift) : static_cast<const T*>(p.values);
     cp_async16(sB + swz(r, piece), src, block_ok);
   }

@@ -1,9 +1,83 @@
-"""The ``cuda`` backend (kernels in ``sparsecore._C``)."""
+"""The ``cuda`` backend: the hand-written kernels of the extension ``sparsecore._C``.
+
+Loading ``sparsecore._C`` registers (see ``csrc/sparsecore_ops.cpp``)::
+
+    torch.ops.sparsecore.cuda_bsr_linear(x, values, row_ptr, col_idx, block_row, row_order,
+                                         out_features, bias=None, activation="none",
+                                         kernel="auto") -> y [M, out_features]
+    torch.ops.sparsecore.cuda_has_sm90a() -> bool
+
+``kernel="auto"`` picks ``decode`` (M <= 16, BK >= 32: kept blocks split over all SMs, fp32
+atomics), else ``sm90`` (wgmma, on compute capability 9.0 when built for sm_90a), else
+``sm80`` (mma.sync, any GPU of compute capability >= 8.0). fp16 / bf16, block sides 16..128.
+
+The extension is imported lazily, on first use: a missing or mismatched build warns once and
+the backend reports unavailable (auto falls back to triton / torch); ``import sparsecore``
+never depends on it. The backward has no CUDA kernels yet: ``grad_input`` / ``grad_weight``
+run the triton backend when it supports the call, else the torch reference.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+from ..format import BLOCK_SIDES
+
+DTYPES = (torch.float16, torch.bfloat16)
+KERNELS = ("auto", "sm80", "sm90", "decode")
+
+_state: dict = {}  # "error": None when loaded, else the reason (set by the first _load())
+
+
+def _load() -> str | None:
+    """Import ``sparsecore._C`` once; return None on success, else why not (warned once)."""
+    if "error" not in _state:
+        try:
+            importlib.import_module("sparsecore._C")
+            torch.ops.sparsecore.cuda_bsr_linear  # noqa: B018 (raises if the schema is missing)
+            _state["error"] = None
+        except Exception as e:  # missing file, ABI mismatch, stale build: all mean "unavailable"
+            _state["error"] = f"sparsecore._C could not be loaded ({type(e).__name__}: {e})"
+            warnings.warn(f"{_state['error']}; the cuda backend is disabled, falling back to triton/torch",
+                          RuntimeWarning, stacklevel=3)
+    return _state["error"]
 
 
 def available():
-    return False, "not built yet"
+    err = _load()
+    if err is not None:
+        return False, err
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, ""
 
 
 def supports(x, values):
-    return False
+    if _load() is not None or not x.is_cuda:
+        return False
+    return (x.dtype in DTYPES and values.dtype == x.dtype and values.dim() == 3
+            and values.shape[1] in BLOCK_SIDES and values.shape[2] in BLOCK_SIDES
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation, kernel="auto"):
+    return torch.ops.sparsecore.cuda_bsr_linear(x, values, row_ptr, col_idx, block_row, row_order, out_features,
+                                                bias, activation, kernel)
+
+
+def _backward_backend(t, values):
+    from . import module
+
+    tri = module("triton")
+    return tri if tri.available()[0] and tri.supports(t, values) else module("torch")
+
+
+def grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
+    return _backward_backend(dy, values).grad_input(dy, values, col_ptr, row_idx, t_perm, in_features)
+
+
+def grad_weight(dy, x, block_row, col_idx, block):
+    values = dy.new_empty(0, *block)
+    return _backward_backend(dy, values).grad_weight(dy, x, block_row, col_idx, block)

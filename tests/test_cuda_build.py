@@ -1,0 +1,233 @@
+"""The CUDA extension ``sparsecore._C`` as built — checked without a GPU.
+
+Runs wherever setup.py builds the extension (nvcc + a CUDA build of torch, no
+SPARSECORE_SKIP_CUDA_BUILD): the module imports and registers its ops, the meta kernel
+checks inputs, and the compiled kernels are read back from the .so with cuobjdump:
+no spills, HGMMA in the sm_90a wgmma kernel, HMMA + ldmatrix + cp.async in the sm80 one,
+16-byte loads + HMMA in the decode kernel. Also: an unloadable build never breaks
+``import sparsecore`` and warns once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "csrc"))
+import sparsecore_build  # noqa: E402
+
+KERNELS = ("bsr_fwd_sm80", "bsr_fwd_sm90", "bsr_fwd_decode", "bsr_finalize")
+
+
+def _why_not_built():
+    if os.environ.get("SPARSECORE_SKIP_CUDA_BUILD", "0") == "1":
+        return "SPARSECORE_SKIP_CUDA_BUILD=1"
+    if torch.version.cuda is None:
+        return "torch is a CPU build"
+    from torch.utils import cpp_extension
+
+    home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
+    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return "no CUDA toolkit (nvcc)"
+    return None
+
+
+_SKIP = _why_not_built()
+needs_build = pytest.mark.skipif(_SKIP is not None, reason=f"extension not built here: {_SKIP}")
+
+
+def _archs():
+    return sparsecore_build.parse_archs(os.environ.get("SPARSECORE_CUDA_ARCHS", sparsecore_build.DEFAULT_ARCHS))
+
+
+def _so_path():
+    spec = importlib.util.find_spec("sparsecore._C")
+    assert spec is not None and spec.origin and spec.origin.endswith(".so"), \
+        "sparsecore._C was not built: run `pip install --no-build-isolation -e .` with CUDA_HOME set"
+    return spec.origin
+
+
+def _cuobjdump():
+    import triton
+
+    cands = [os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"),
+             os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+             shutil.which("cuobjdump") or ""]
+    for c in cands:
+        if c and os.path.exists(c):
+            return c
+    pytest.fail(f"cuobjdump not found in {cands}")
+
+
+def _sections(text: str, header: str):
+    """cuobjdump output -> {(arch, kernel base name, mangled): body} for our kernels."""
+    out, arch, name, body = {}, None, None, []
+
+    def close():
+        if name is not None:
+            base = next((k for k in KERNELS if k in name), None)
+            if base:
+                out[(arch, base, name)] = "\n".join(body)
+
+    for line in text.splitlines():
+        m = re.match(r"\s*arch = (sm_\w+)", line)
+        if m:
+            close()
+            arch, name, body = m.group(1), None, []
+            continue
+        m = re.match(header, line)
+        if m:
+            close()
+            name, body = m.group(1), []
+            continue
+        body.append(line)
+    close()
+    return out
+
+
+# -- build flags (pure Python) ------------------------------------------------------------
+def test_arch_flags():
+    assert sparsecore_build.parse_archs("80;90a") == ["80", "90a"]
+    assert sparsecore_build.parse_archs("8.0, 9.0a") == ["80", "90a"]
+    assert sparsecore_build.gencode_flags(["80", "90a"]) == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_80,code=compute_80"]
+    kw = sparsecore_build.extension_kwargs("/usr/local/cuda")
+    assert "-O3" in kw["extra_compile_args"]["nvcc"]
+    for bad in ("", "75", "sm_90", "90b"):
+        with pytest.raises(ValueError, match="SPARSECORE_CUDA_ARCHS"):
+            sparsecore_build.parse_archs(bad)
+
+
+# -- the module and its ops --------------------------------------------------------------
+@needs_build
+def test_extension_loads_and_registers_ops():
+    import sparsecore._C  # noqa: F401
+    from sparsecore.backends import cuda
+
+    assert cuda._load() is None
+    assert hasattr(torch.ops.sparsecore, "cuda_bsr_linear")
+    assert torch.ops.sparsecore.cuda_has_sm90a() == ("90a" in _archs())
+    ok, why = cuda.available()
+    assert ok == torch.cuda.is_available(), why
+
+
+def _meta_args(M=5, K=100, N=120, block=(32, 32), nnzb=3, dtype=torch.float16):
+    R = -(-N // block[0])
+    i32 = lambda n: torch.empty(n, dtype=torch.int32, device="meta")
+    return [torch.empty(M, K, dtype=dtype, device="meta"), torch.empty(nnzb, *block, dtype=dtype, device="meta"),
+            i32(R + 1), i32(nnzb), i32(nnzb), i32(R), N]
+
+
+@needs_build
+def test_meta_kernel_shape():
+    import sparsecore._C  # noqa: F401
+
+    op = torch.ops.sparsecore.cuda_bsr_linear
+    for dtype in (torch.float16, torch.bfloat16):
+        y = op(*_meta_args(M=7, dtype=dtype), torch.empty(120, dtype=dtype, device="meta"), "gelu", "auto")
+        assert y.shape == (7, 120) and y.dtype == dtype and y.device.type == "meta"
+    assert op(*_meta_args(M=0, block=(64, 16), N=64)).shape == (0, 64)
+
+
+@needs_build
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.__setitem__(0, a[0].float()), "x: expected dtype float16 or bfloat16"),
+    (lambda a: a.__setitem__(0, a[0][0]), "x: expected a 2-D tensor"),
+    (lambda a: a.__setitem__(1, a[1].bfloat16()), "values: expected dtype"),
+    (lambda a: a.__setitem__(1, torch.empty(3, 48, 32, dtype=torch.float16, device="meta")), "values: expected blocks"),
+    (lambda a: a.__setitem__(2, a[2].long()), "row_ptr: expected int32"),
+    (lambda a: a.__setitem__(3, a[3][:2]), "col_idx: expected int32 \\[3\\]"),
+    (lambda a: a.__setitem__(5, a[5][:1]), "row_order: expected int32 \\[4\\]"),
+    (lambda a: a.__setitem__(6, 129), "out_features: expected a value in \\(96, 128\\]"),
+    (lambda a: a.append(torch.empty(7, dtype=torch.float16, device="meta")), "bias: expected shape \\(120,\\)"),
+    (lambda a: a.extend([None, "tanh"]), "activation: expected one of"),
+])
+def test_meta_kernel_rejects_bad_input(change, match):
+    import sparsecore._C  # noqa: F401
+
+    args = _meta_args()
+    change(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparsecore.cuda_bsr_linear(*args)
+
+
+# -- the compiled kernels ----------------------------------------------------------------
+@needs_build
+def test_no_register_spills():
+    res = subprocess.run([_cuobjdump(), "--dump-resource-usage", _so_path()], capture_output=True, text=True,
+                         check=True).stdout
+    funcs = _sections(res, r"\s*Function (\S+):")
+    archs = {f"sm_{a}" for a in _archs()}
+    assert {a for a, _, _ in funcs} == archs
+    for arch in archs:  # 2 dtypes x 4 block heights for every forward kernel
+        for k in ("bsr_fwd_sm80", "bsr_fwd_sm90", "bsr_fwd_decode"):
+            assert sum(1 for a, b, _ in funcs if (a, b) == (arch, k)) == 8, (arch, k)
+    for (arch, _, name), body in funcs.items():
+        usage = dict(re.findall(r"(\w+):(\d+)", body))
+        assert usage["STACK"] == "0" and usage["LOCAL"] == "0", f"{arch} {name} spills: {body.strip()}"
+        assert int(usage["REG"]) <= 255, f"{arch} {name}: {usage['REG']} registers"
+
+
+@needs_build
+def test_sass_uses_tensor_cores():
+    sass = subprocess.run([_cuobjdump(), "--dump-sass", _so_path()], capture_output=True, text=True,
+                          check=True).stdout
+    funcs = _sections(sass, r"\s*Function : (\S+)")
+    seen = set()
+    for (arch, base, name), body in funcs.items():
+        seen.add((arch, base))
+        if base == "bsr_fwd_sm80":  # cp.async + ldmatrix + mma.sync
+            for op in ("HMMA.16816.F32", "LDSM.16.M88.4", "LDGSTS.E.BYPASS.128", "LDGDEPBAR"):
+                assert op in body, f"{arch} {name}: no {op}"
+        elif base == "bsr_fwd_decode":  # 16-byte loads + mma.sync
+            assert "HMMA.16816.F32" in body and "LDG.E.128" in body, f"{arch} {name}"
+        elif base == "bsr_fwd_sm90" and arch == "sm_90a":
+            assert re.search(r"HGMMA\.64x\d+x16\.F32", body), f"{name}: no HGMMA"
+            assert "LDGSTS.E.BYPASS.128" in body, f"{name}: no cp.async"
+            # one wgmma group left in flight while the next chunk is prepared
+            assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in body, f"{name}: wgmma not overlapped"
+    for a in _archs():
+        for k in ("bsr_fwd_sm80", "bsr_fwd_decode") + (("bsr_fwd_sm90",) if a == "90a" else ()):
+            assert (f"sm_{a}", k) in seen, (a, k)
+
+
+# -- an unloadable build -----------------------------------------------------------------
+def test_unloadable_extension_warns_once(tmp_path):
+    """A copy of the package whose _C is garbage: import works, the backend warns once."""
+    pkg = tmp_path / "sparsecore"
+    shutil.copytree(os.path.join(ROOT, "sparsecore"), pkg,
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (pkg / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"not an ELF file")
+    script = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import sparsecore, torch
+            from sparsecore.backends import cuda
+            assert sparsecore.__file__.startswith(%r), sparsecore.__file__
+            first, again = cuda.available(), cuda.available()
+            x = torch.zeros(2, 32)
+            y = sparsecore.ops.bsr_linear(x, sparsecore.BlockSparseWeight.from_dense(
+                torch.ones(32, 32), torch.ones(1, 1, dtype=torch.bool), block=32), backend="auto")
+        assert first[0] is False and again == first and "sparsecore._C" in first[1], first
+        assert not cuda.supports(x, x)
+        assert float(y.sum()) == 0.0
+        msgs = [str(w.message) for w in caught if "sparsecore._C" in str(w.message)]
+        assert len(msgs) == 1, msgs
+        print("OK")
+    """ % str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]

@@ -58,7 +58,7 @@ def bsr_decode_partial_kernel(
             b = tl.load(values + blk.to(tl.int64)[:, None] * (BN * BK) + w_tile, mask=ok[:, None], other=0.0)
             acc = mma(a, b, acc, DOT_F32)
         n_glob = r * BN + offs_n
-        ptrs = acc_buf + offs_m[:, None] * N + n_glob[None, :]
+        ptrs = acc_buf + offs_m[:, None].to(tl.int64) * N + n_glob[None, :]
         tl.atomic_add(ptrs, acc, mask=m_ok[:, None] & (n_glob < N)[None, :], sem="relaxed")
         i = stop
 
@@ -71,9 +71,10 @@ def bsr_decode_finish_kernel(acc_buf, bias, y, M, N, stride_ym,
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     mask = (offs_m < M)[:, None] & n_ok[None, :]
-    z = tl.load(acc_buf + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    rows = offs_m[:, None].to(tl.int64)
+    z = tl.load(acc_buf + rows * N + offs_n[None, :], mask=mask, other=0.0)
     z = epilogue(z, bias, offs_n, n_ok, HAS_BIAS, ACT)
-    tl.store(y + offs_m[:, None] * stride_ym + offs_n[None, :], z.to(y.dtype.element_ty), mask=mask)
+    tl.store(y + rows * stride_ym + offs_n[None, :], z.to(y.dtype.element_ty), mask=mask)
 
 
 def bsr_decode(x, values, row_ptr, col_idx, block_row, out_features, bias=None, activation="none", *,

@@ -81,7 +81,7 @@ def heuristic(kernel, arch, dtype, block, M, N, K) -> dict:
         stages = max(2, min(4, budget // max(1, step_bytes)))
         return {"BM": BM, "G": G, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
     if kernel == "decode":
-        BM = max(16, next_pow2(M))
+        BM = min(DECODE_MAX_M, max(16, next_pow2(M)))
         G = max(1, (64 if wide else 128) // BK)
         return {"BM": BM, "G": G, "PROGRAMS_PER_SM": 4, "num_warps": 4, "num_stages": 3}
     if kernel == "dw":

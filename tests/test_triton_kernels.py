@@ -147,6 +147,21 @@ def test_dw_kernel(dtype, block, M, act, with_bias):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_raster_groups_with_partial_last_group(dtype):
+    """7 M tiles in groups of 2 (last group of 1) x 3 block-rows / 4 block-columns."""
+    block = (16, 32)
+    W, g = make(block, dtype, n_blocks=3, k_blocks=4)
+    N, K = W.shape
+    cfg = {"BM": 16, "G": 2, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+    x, dy = rand(g, 100, K, dtype=dtype), rand(g, 100, N, dtype=dtype)
+    y = bsr_fwd.bsr_fwd(x, W.values, W.row_ptr, W.col_idx, W.row_order, N, config=cfg)
+    assert_close(y, oracle(x, W.to_dense()), dtype, tol(dtype))
+    dx = bsr_dx.bsr_dx(dy, W.values, W.col_ptr, W.row_idx, W.t_perm, K, config=cfg)
+    assert_close(dx, dy.double() @ W.to_dense().double(), dtype, tol(dtype))
+
+
+@needs_kernels
 @pytest.mark.parametrize("density", [0.0, 1.0])
 @pytest.mark.parametrize("M", [5, 70])  # decode and prefill paths
 def test_density_edges_through_backend(density, M):

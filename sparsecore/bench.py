@@ -676,7 +676,8 @@ def environment(device: str) -> dict:
     if device == "cuda":
         gpu = torch.cuda.get_device_name()
     else:
-        gpu = f"cpu: {_cpu_name()} ({torch.get_num_threads()} threads)"
+        omp = os.environ.get("OMP_WAIT_POLICY")
+        gpu = f"cpu: {_cpu_name()} ({torch.get_num_threads()} threads{', OMP_WAIT_POLICY=' + omp if omp else ''})"
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton_v, "cuda": torch.version.cuda or "",
             "commit": _commit()}
 
@@ -761,11 +762,7 @@ class Runner:
             self._skip(prov.name, str(e))
             return None
         except Exception as e:
-            if not prov.ours:
-                self._skip(prov.name, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
-                return None
-            self.failures.append(f"ERROR {where}: {type(e).__name__}: {e}")
-            return None
+            return self._crash(prov, where, e)
         ref = prob.reference(s)
         if prob.op == "bwd":
             ref = prov.project(prob, s, *ref)
@@ -775,14 +772,25 @@ class Runner:
         if not err <= tol:
             self.failures.append(f"WRONG RESULT {where}: relative error {err:.3e} > tolerance {tol:.1e}")
             return None
-        fns, timer_fn = self._rotate(fn, prov, prob, s)
-        ncopies = len(fns)
-        if self.cfg.device == "cuda":
-            p50, p20, p80, timer = time_cuda(timer_fn, self.cfg.warmup_ms, self.cfg.rep_ms, prob.M <= GRAPH_MAX_M)
+        try:
+            fns, timer_fn = self._rotate(fn, prov, prob, s)
+            if self.cfg.device == "cuda":
+                p50, p20, p80, timer = time_cuda(timer_fn, self.cfg.warmup_ms, self.cfg.rep_ms, prob.M <= GRAPH_MAX_M)
+            else:
+                (p50, p20, p80), timer = time_cpu(timer_fn, self.cfg.warmup_ms, self.cfg.rep_ms), "perf_counter"
+        except Exception as e:
+            return self._crash(prov, where, e)
+        n = len(fns)
+        return self._row(prob, prov, s, (p50 / n, p20 / n, p80 / n), err, tol, n, timer)
+
+    def _crash(self, prov, where, e):
+        """An exception: a failure for our providers, a skip (logged) for third-party ones."""
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        if prov.ours:
+            self.failures.append(f"ERROR {where}: {msg}")
         else:
-            (p50, p20, p80), timer = time_cpu(timer_fn, self.cfg.warmup_ms, self.cfg.rep_ms), "perf_counter"
-        p50, p20, p80 = p50 / ncopies, p20 / ncopies, p80 / ncopies
-        return self._row(prob, prov, s, (p50, p20, p80), err, tol, ncopies, timer)
+            self._skip(prov.name, msg)
+        return None
 
     def _rotate(self, fn, prov, prob, s):
         """Copies of the op (own weights and inputs) until they exceed 2x the L2 cache."""

@@ -129,3 +129,12 @@ def test_plot_written(tmp_path):
                                                         ("sparsecore-torch", 32, 0.1, 4.0))]
     assert bench.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_crash_of_our_provider_fails_the_run(monkeypatch, tmp_path, caplog):
+    def boom(*a):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(reference, "forward", boom)
+    with caplog.at_level(logging.ERROR, logger="sparsecore.bench"):
+        rc = cli.main(["bench", *TINY, "--ops", "fwd", "--providers", "dense,sparsecore-torch", "--out", str(tmp_path)])
+    assert rc == 1 and "ERROR provider sparsecore-torch" in caplog.text and "kernel exploded" in caplog.text

@@ -1,0 +1,177 @@
+"""The CUDA kernels of ``sparsecore._C`` against the float64 oracle (needs a GPU).
+
+Every kernel is called by name (``kernel="sm80" | "sm90" | "decode"``) so each one meets
+every shape class it accepts: odd M (1, 3, 59, 111, 300: partial and several 128-row tiles),
+N and K that are not multiples of the block (K % 8 != 0 takes the padded-x path), square and
+rectangular blocks 16..128 (16/32-wide blocks share a K-chunk, 128-wide ones span two),
+empty block-rows, density 0 and 1, bias, activations, long rows (pipeline wrap-around),
+a decode split that crosses block-rows, unaligned / strided x.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsecore as sc
+from conftest import assert_close, oracle, random_weight
+
+pytestmark = pytest.mark.gpu
+
+BLOCKS = [(16, 16), (32, 32), (64, 64), (128, 128), (64, 32), (32, 128), (128, 16), (16, 64)]
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _has_sm90():
+    import sparsecore._C  # noqa: F401
+
+    return torch.cuda.get_device_capability() == (9, 0) and torch.ops.sparsecore.cuda_has_sm90a()
+
+
+def _kernels(M, block):
+    """Kernels that accept this call on this GPU."""
+    ks = ["sm80"]
+    if _has_sm90():
+        ks.append("sm90")
+    if M <= 16 and block[1] >= 32:
+        ks.append("decode")
+    return ks
+
+
+def _case(M, N, K, block, density, dtype, bias=False, empty_rows=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w, mask = random_weight(N, K, block, density, dtype=dtype, device="cuda", generator=g, empty_rows=empty_rows)
+    W = sc.BlockSparseWeight.from_dense(w, mask)
+    x = torch.randn(M, K, generator=g).to(dtype=dtype, device="cuda")
+    b = torch.randn(N, generator=g).to(dtype=dtype, device="cuda") if bias else None
+    return x, W, b
+
+
+def _run(x, W, b=None, activation="none", kernel="auto"):
+    y = torch.ops.sparsecore.cuda_bsr_linear(x, W.values, W.row_ptr, W.col_idx, W.block_row, W.row_order,
+                                             W.shape[0], b, activation, kernel)
+    torch.cuda.synchronize()
+    return y
+
+
+def _check(x, W, b=None, activation="none", kernel="auto"):
+    y = _run(x, W, b, activation, kernel)
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], W.shape[0])
+    assert_close(y, oracle(x, W.to_dense(), b, activation), x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 59, 111])
+def test_every_kernel_every_shape_class(M, block, dtype):
+    bn, bk = block
+    N, K = 3 * bn + bn // 2 + 1, 4 * bk + 13  # odd N tail; K % 8 != 0 -> padded x
+    x, W, b = _case(M, N, K, block, 0.6, dtype, bias=True)
+    for kernel in _kernels(M, block):
+        _check(x, W, b, kernel=kernel)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (128, 128), (32, 64)], ids=str)
+@pytest.mark.parametrize("M", [2, 16, 300])
+def test_k_multiple_of_8_not_of_block(M, block):
+    bn, bk = block
+    x, W, b = _case(M, 2 * bn + 8, 5 * bk + 24, block, 0.5, torch.bfloat16, bias=False, empty_rows=0)
+    for kernel in _kernels(M, block):
+        _check(x, W, b, kernel=kernel)
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("M", [4, 130])
+def test_density_extremes(M, bias, density):
+    for block in [(32, 32), (64, 128), (128, 64)]:
+        x, W, b = _case(M, 2 * block[0] + 3, 3 * block[1] + 8, block, density, torch.float16, bias=bias,
+                        empty_rows=0)
+        assert W.nnzb == (0 if density == 0 else W.grid[0] * W.grid[1])
+        for kernel in _kernels(M, block):
+            y = _run(x, W, b, kernel=kernel)
+            if density == 0:  # exactly the bias (or exact zeros), never garbage from empty rows
+                ref = b.expand_as(y) if bias else torch.zeros_like(y)
+                assert torch.equal(y, ref), kernel
+            else:
+                assert_close(y, oracle(x, W.to_dense(), b), x.dtype)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_bias_activation(activation, dtype):
+    for M in (5, 77):
+        x, W, b = _case(M, 192, 256, (64, 64), 0.5, dtype, bias=True)
+        for kernel in _kernels(M, (64, 64)):
+            _check(x, W, b, activation, kernel=kernel)
+
+
+@pytest.mark.parametrize("block", [(64, 64), (128, 128), (32, 32), (16, 16)], ids=str)
+def test_long_rows_and_many_tiles(block):
+    """Dozens of K-chunks per block-row (every pipeline stage reused) and 3 M tiles."""
+    x, W, b = _case(300, 512, 4096 + 8, block, 0.9, torch.bfloat16, bias=True, empty_rows=2)
+    for kernel in _kernels(300, block):
+        _check(x, W, b, kernel=kernel)
+
+
+@pytest.mark.parametrize("block", [(32, 32), (64, 64), (16, 128)], ids=str)
+def test_decode_split_crosses_block_rows(block):
+    """More kept blocks than warps: each warp walks several, across block-row boundaries."""
+    x, W, b = _case(7, 4096, 4096, block, 0.5, torch.bfloat16, bias=True, empty_rows=3)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert W.nnzb > 16 * sms  # several blocks per warp (16 warps per SM targeted)
+    _check(x, W, b, kernel="decode")
+
+
+def test_unaligned_and_strided_x():
+    x, W, b = _case(40, 256, 512, (64, 64), 0.5, torch.float16, bias=True)
+    base = torch.randn(40 * 512 + 1, device="cuda", dtype=torch.float16)
+    shifted = base[1:].view(40, 512)  # data_ptr 2 bytes off a 16-byte boundary
+    shifted.copy_(x)
+    wide = torch.randn(40, 1024, device="cuda", dtype=torch.float16)[:, ::2]  # stride 2 columns
+    wide.copy_(x)
+    ref = oracle(x, W.to_dense(), b)
+    for xv in (shifted, wide, x.t().contiguous().t()):
+        for kernel in _kernels(40, (64, 64)):
+            assert_close(_run(xv, W, b, kernel=kernel), ref, torch.float16)
+
+
+def test_auto_choice_and_public_op():
+    """Through sc.ops.bsr_linear(backend='cuda'): decode for small M, prefill otherwise; backward
+    delegates to triton / torch and matches the oracle's gradients."""
+    for M in (3, 200):
+        x, W, b = _case(M, 384, 320, (64, 64), 0.4, torch.bfloat16, bias=True)
+        y = sc.ops.bsr_linear(x.view(M, 1, -1), W, bias=b, backend="cuda")
+        assert y.shape == (M, 1, 384)
+        assert_close(y.view(M, -1), oracle(x, W.to_dense(), b), torch.bfloat16)
+    lin = sc.SparseLinear.from_dense(torch.nn.Linear(256, 192), block=(32, 32), sparsity=0.5).cuda().half()
+    x = torch.randn(33, 256, device="cuda", dtype=torch.float16, requires_grad=True)
+    y = sc.ops.bsr_linear(x, lin.sparse_weight(), backend="cuda")
+    y.float().square().sum().backward()
+    xd = x.detach().double().requires_grad_()
+    wd = lin.dense_weight().detach().double()
+    (xd @ wd.T).square().sum().backward()
+    assert_close(x.grad, xd.grad, torch.float16, tol=5e-3)
+
+
+def test_opcheck():
+    x, W, b = _case(9, 128, 192, (32, 64), 0.5, torch.float16, bias=True)
+    for kernel in ("sm80", "decode"):
+        torch.library.opcheck(torch.ops.sparsecore.cuda_bsr_linear.default,
+                              (x, W.values, W.row_ptr, W.col_idx, W.block_row, W.row_order, 128, b, "relu", kernel),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_errors_name_the_argument():
+    x, W, b = _case(20, 128, 128, (64, 64), 0.5, torch.float16)
+    with pytest.raises(RuntimeError, match="kernel: 'decode' expects M <= 16"):
+        _run(x, W, kernel="decode")
+    with pytest.raises(RuntimeError, match="kernel: expected one of"):
+        _run(x, W, kernel="fast")
+    with pytest.raises(RuntimeError, match="values: expected device"):
+        torch.ops.sparsecore.cuda_bsr_linear(x, W.values.cpu(), W.row_ptr, W.col_idx, W.block_row, W.row_order, 128)
+    if not _has_sm90():
+        with pytest.raises(RuntimeError, match="kernel: 'sm90' expects"):
+            _run(x, W, kernel="sm90")
+    from sparsecore.backends import cuda
+
+    assert cuda.supports(x, W.values) and not cuda.supports(x.float(), W.values.float())

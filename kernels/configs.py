@@ -26,6 +26,7 @@ KERNELS = ("fwd", "decode", "dx", "dw")
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_configs.json")
 M_BUCKETS = (1, 16, 64, 256, 1024, 4096)  # an M belongs to the largest bucket <= M
 DECODE_MAX_M = 64
+_SMS = {90: 132, 80: 108}  # SMs of H100 SXM / A100, for shape rules that need a GPU size
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -72,7 +73,9 @@ def heuristic(kernel, arch, dtype, block, M, N, K) -> dict:
     kstep = 32 if wide else 64     # the MMA's K per step, reached with G blocks at a time
     if kernel in ("fwd", "dx"):
         out, red = (BN, BK) if kernel == "fwd" else (BK, BN)  # output tile side, reduced side
-        BM = 64 if M <= 64 else 128
+        tiles_out = -(-(N if kernel == "fwd" else K) // out)     # block-rows (fwd) / -columns (dx)
+        # 128-row tiles unless that leaves fewer than two programs per SM (small M)
+        BM = 128 if -(-M // 128) * tiles_out >= 2 * _SMS.get(arch, 132) else 64
         G = max(1, kstep // red)
         tile = BM * out
         warps = 8 if tile >= 128 * 128 else 4

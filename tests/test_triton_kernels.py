@@ -235,6 +235,18 @@ def test_backend_interface_and_selection():
         sc.ops.bsr_linear(x.double(), W.to(torch.float64), backend="triton")
 
 
+@needs_kernels
+def test_direct_calls_reject_bad_input():
+    W, g = make((16, 16), torch.float16)
+    x = rand(g, 2, W.shape[1], dtype=torch.float32)
+    with pytest.raises(sc.SparseCoreError, match="^x: expected .*float16"):
+        tb.forward(x, W.values, W.row_ptr, W.col_idx, W.block_row, W.row_order, W.shape[0], None, "none")
+    with pytest.raises(sc.SparseCoreError, match="^dy: expected a 2-D tensor"):
+        tb.grad_input(x[0].half(), W.values, W.col_ptr, W.row_idx, W.t_perm, W.shape[1])
+    with pytest.raises(sc.SparseCoreError, match="^x: expected"):
+        tb.grad_weight(x.half(), x.half()[:1], W.block_row, W.col_idx, W.block)
+
+
 def test_unavailable_on_cpu_without_interpreter(monkeypatch):
     if ON_GPU:
         pytest.skip("a GPU makes the backend available")

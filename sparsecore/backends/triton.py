@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import check
 from ..format import BLOCK_SIDES
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,8 +64,18 @@ def _rowmajor(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _check(name, t, values):
+    """What the kernels need, for callers of the triton ops that skip the public op."""
+    check(t.dim() == 2, name, "a 2-D tensor", f"shape {tuple(t.shape)}")
+    check(supports(t, values), name,
+          f"a CUDA tensor (CPU only with TRITON_INTERPRET=1) of dtype {DTYPES} matching values, values "
+          f"[nnzb, BN, BK] with sides in {BLOCK_SIDES}", f"{t.dtype} on {t.device}, values "
+          f"{values.dtype} {tuple(values.shape)}")
+
+
 # -- launches shared by the triton_ops (wrap=wrap_triton) and the CPU interpreter (wrap=None)
 def _forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation, wrap=None):
+    _check("x", x, values)
     x = _rowmajor(x)
     bias = bias.contiguous() if bias is not None else None
     M, K = x.shape
@@ -80,6 +91,7 @@ def _forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bi
 
 
 def _grad_input(dy, values, col_ptr, row_idx, t_perm, in_features, wrap=None):
+    _check("dy", dy, values)
     dy = _rowmajor(dy)
     cfg = configs.select("dx", dy.dtype, tuple(values.shape[1:]), dy.shape[0], dy.shape[1], in_features,
                          dy.device)
@@ -87,6 +99,9 @@ def _grad_input(dy, values, col_ptr, row_idx, t_perm, in_features, wrap=None):
 
 
 def _grad_weight(dy, x, block_row, col_idx, block, wrap=None):
+    _check("dy", dy, dy.new_empty(0, *block))
+    check(x.dtype == dy.dtype and x.device == dy.device and x.shape[0] == dy.shape[0], "x",
+          f"{dy.dtype} on {dy.device} with {dy.shape[0]} rows (as dy)", f"{x.dtype} on {x.device}, {tuple(x.shape)}")
     dy, x = _rowmajor(dy), _rowmajor(x)
     cfg = configs.select("dw", dy.dtype, block, dy.shape[0], dy.shape[1], x.shape[1], dy.device)
     programs = cfg["PROGRAMS_PER_SM"] * configs.sm_count(dy.device)

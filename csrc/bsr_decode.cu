@@ -1,15 +1,17 @@
-// Decode forward (M <= 16, BK >= 32): memory-bound, so every kept weight byte is read once
-// with 16-byte loads and all SMs get work whatever the row lengths.
+// Decode forward (M <= 64, BK >= 32): memory-bound, so every kept weight byte is read once
+// from DRAM with 16-byte loads and all SMs get work whatever the row lengths.
 //
-//   warps split the global list of kept blocks (BSR order) into equal contiguous ranges;
-//   a warp walks its range block by block, for each 32-column slice of a block:
-//     lane (g = lane/4, t = lane%4) loads 16 B of x rows g and g+8 at columns 8t..8t+7,
+//   grid.x: warps split the global list of kept blocks (BSR order) into equal contiguous
+//   ranges; grid.y: groups of 16 rows of x (rows mb = 16*blockIdx.y ..; the groups re-read
+//   the same weight blocks, from L2). A warp walks its range block by block, for each
+//   32-column slice of a block:
+//     lane (g = lane/4, t = lane%4) loads 16 B of x rows mb+g and mb+g+8 at columns 8t..8t+7,
 //     and 16 B of values row n = 8q + g at the same columns, for every n8 group q
 //     (BN/8 independent 16-byte loads in flight per lane), then two mma.sync m16n8k16.
 //   The k order inside a 32-column slice is permuted identically for x and W (the dot
 //   product does not care): phys column 8t+e (e < 8) is logical  2t + (e&1) + 8*((e>>1)&1)
 //   of mma (e >> 2). So one 16-byte load is exactly a lane's B fragment of two mmas.
-//   Partial sums (fp32, rows m < M) go to workspace [M, R*BN] with atomicAdd whenever the
+//   Partial sums (fp32, rows < M) go to workspace [M, R*BN] with atomicAdd whenever the
 //   warp leaves a block-row; bsr_finalize then writes y = act(workspace + bias).
 #include "bsr_common.cuh"
 
@@ -22,18 +24,19 @@ constexpr int kDecodeWarpsPerSM = 16;  // target resident warps per SM when spli
 __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
 
 template <typename T, int BN>
-__device__ __forceinline__ void flush(const BsrParams& p, int r, int g, int t, float (&acc)[BN / 8][4]) {
+__device__ __forceinline__ void flush(const BsrParams& p, int r, int mb, int g, int t, float (&acc)[BN / 8][4]) {
   const int ldw = p.R * BN;
 #pragma unroll
   for (int q = 0; q < BN / 8; ++q) {
     const int n = r * BN + q * 8 + 2 * t;
-    if (g < p.M) {
-      atomicAdd(p.workspace + static_cast<int64_t>(g) * ldw + n, acc[q][0]);
-      atomicAdd(p.workspace + static_cast<int64_t>(g) * ldw + n + 1, acc[q][1]);
+    float* lo = p.workspace + static_cast<int64_t>(mb + g) * ldw + n;
+    if (mb + g < p.M) {
+      atomicAdd(lo, acc[q][0]);
+      atomicAdd(lo + 1, acc[q][1]);
     }
-    if (g + 8 < p.M) {
-      atomicAdd(p.workspace + static_cast<int64_t>(g + 8) * ldw + n, acc[q][2]);
-      atomicAdd(p.workspace + static_cast<int64_t>(g + 8) * ldw + n + 1, acc[q][3]);
+    if (mb + g + 8 < p.M) {
+      atomicAdd(lo + 8 * ldw, acc[q][2]);
+      atomicAdd(lo + 8 * ldw + 1, acc[q][3]);
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[q][e] = 0.f;
@@ -47,18 +50,19 @@ __global__ void __launch_bounds__(kDecodeThreads) bsr_fwd_decode(const BsrParams
   const int b0 = warp * blocks_per_warp;
   const int b1 = min(p.nnzb, b0 + blocks_per_warp);
   const int g = lane >> 2, t = lane & 3;
+  const int mb = blockIdx.y * 16;
   const int BK = 1 << p.bk_shift;
   const T* x = static_cast<const T*>(p.x);
-  const T* x_lo = x + static_cast<int64_t>(g) * p.ldx;       // row g
-  const T* x_hi = x + static_cast<int64_t>(g + 8) * p.ldx;   // row g + 8
-  const bool lo_ok = g < p.M, hi_ok = g + 8 < p.M;
+  const T* x_lo = x + static_cast<int64_t>(mb + g) * p.ldx;  // row mb + g
+  const T* x_hi = x_lo + 8 * static_cast<int64_t>(p.ldx);    // row mb + g + 8
+  const bool lo_ok = mb + g < p.M, hi_ok = mb + g + 8 < p.M;
 
   float acc[BN / 8][4] = {};
   int cur = b0 < b1 ? p.block_row[b0] : -1;
   for (int i = b0; i < b1; ++i) {
     const int r = p.block_row[i];
     if (r != cur) {
-      flush<T, BN>(p, cur, g, t, acc);
+      flush<T, BN>(p, cur, mb, g, t, acc);
       cur = r;
     }
     const int kcol = p.col_idx[i] << p.bk_shift;  // first column of x for this block
@@ -81,7 +85,7 @@ __global__ void __launch_bounds__(kDecodeThreads) bsr_fwd_decode(const BsrParams
       }
     }
   }
-  if (cur >= 0) flush<T, BN>(p, cur, g, t, acc);
+  if (cur >= 0) flush<T, BN>(p, cur, mb, g, t, acc);
 }
 
 // y[m, n] = act(workspace[m, n] + bias[n]) for n < N; one thread per output element.
@@ -101,7 +105,7 @@ cudaError_t launch(const BsrParams& p, int num_sms, cudaStream_t stream) {
   const int per_warp = (p.nnzb + warps_target - 1) / warps_target;  // >= 1 when nnzb > 0
   const int warps = (p.nnzb + per_warp - 1) / per_warp;
   const int ctas = (warps * 32 + kDecodeThreads - 1) / kDecodeThreads;
-  bsr_fwd_decode<T, BN><<<ctas, kDecodeThreads, 0, stream>>>(p, per_warp);
+  bsr_fwd_decode<T, BN><<<dim3(ctas, (p.M + 15) / 16), kDecodeThreads, 0, stream>>>(p, per_warp);
   return cudaSuccess;
 }
 

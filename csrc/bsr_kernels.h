@@ -48,9 +48,9 @@ cudaError_t launch_bsr_sm80(const BsrParams& p, DType dt, int bn, cudaStream_t s
 cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 bool bsr_sm90_built();
 
-// Decode (M <= 16, BK >= 32): warps split the global kept-block list, fp32 atomics into
-// p.workspace; then launch_bsr_finalize writes y = act(workspace + bias).
-constexpr int kDecodeMaxM = 16;
+// Decode (M <= 64, BK >= 32): warps split the global kept-block list (grid.y: 16-row groups
+// of x), fp32 atomics into p.workspace; then launch_bsr_finalize writes y = act(ws + bias).
+constexpr int kDecodeMaxM = 64;
 cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream);
 cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 

@@ -1,6 +1,7 @@
 // Prefill forward for sm80+ (runs on Hopper too): one CTA per (128-row tile of x, block-row).
 //
-//   grid  = (ceil(M/128), R)        blockIdx.y -> block-row r = row_order[blockIdx.y]
+//   grid  = (R, ceil(M/128))        blockIdx.x -> block-row r = row_order[blockIdx.x]; the
+//         block-rows of one M tile run together, so its x tile is read from DRAM once
 //   CTA   = WARPS_M x WARPS_N warps  warp tile 32 x WN (WN = BN / WARPS_N)
 //   loop  over the K-chunks of r (64 columns each, see bsr_common.cuh), STAGES-deep
 //         cp.async pipeline; per chunk 4 k16 steps of ldmatrix.x4 + mma.sync m16n8k16.
@@ -32,8 +33,8 @@ __global__ void __launch_bounds__(Sm80Cfg<BN>::NT) bsr_fwd_sm80(const BsrParams 
   const uint32_t s0 = smem_addr(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % C::WARPS_M, wn = warp / C::WARPS_M;
-  const int r = p.row_order[blockIdx.y];
-  const int m0 = blockIdx.x * C::BM;
+  const int r = p.row_order[blockIdx.x];
+  const int m0 = blockIdx.y * C::BM;
   const int first = p.row_ptr[r], nb = p.row_ptr[r + 1] - first;
   const int nchunks = num_chunks(nb, p.bk_shift);
 
@@ -96,7 +97,7 @@ cudaError_t launch(const BsrParams& p, cudaStream_t stream) {
   auto kernel = bsr_fwd_sm80<T, BN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (err != cudaSuccess) return err;
-  dim3 grid((p.M + C::BM - 1) / C::BM, p.R);
+  dim3 grid(p.R, (p.M + C::BM - 1) / C::BM);
   kernel<<<grid, C::NT, C::SMEM, stream>>>(p);
   return cudaSuccess;
 }

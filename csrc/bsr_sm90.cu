@@ -1,6 +1,7 @@
 // Prefill forward for sm90a: wgmma.mma_async (SASS HGMMA) fed by a cp.async pipeline.
 //
-//   grid  = (ceil(M/128), R)        blockIdx.y -> block-row r = row_order[blockIdx.y]
+//   grid  = (R, ceil(M/128))        blockIdx.x -> block-row r = row_order[blockIdx.x]; the
+//         block-rows of one M tile run together, so its x tile is read from DRAM once
 //   CTA   = 2 warpgroups (256 threads); warpgroup w computes rows [64w, 64w+64) x BN
 //   loop  over the K-chunks of r (64 columns each, see bsr_common.cuh); STAGES-deep ring:
 //         loads run STAGES-2 chunks ahead, one wgmma group stays in flight.
@@ -131,8 +132,8 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT) bsr_fwd_sm90(const BsrParams 
   const uint32_t s0 = (smem_addr(smem) + 1023u) & ~1023u;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2;  // warpgroup: rows [64 wg, 64 wg + 64)
-  const int r = p.row_order[blockIdx.y];
-  const int m0 = blockIdx.x * C::BM;
+  const int r = p.row_order[blockIdx.x];
+  const int m0 = blockIdx.y * C::BM;
   const int first = p.row_ptr[r], nb = p.row_ptr[r + 1] - first;
   const int nchunks = num_chunks(nb, p.bk_shift);
 
@@ -187,7 +188,7 @@ cudaError_t launch(const BsrParams& p, cudaStream_t stream) {
   auto kernel = bsr_fwd_sm90<T, BN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (err != cudaSuccess) return err;
-  dim3 grid((p.M + C::BM - 1) / C::BM, p.R);
+  dim3 grid(p.R, (p.M + C::BM - 1) / C::BM);
   kernel<<<grid, C::NT, C::SMEM, stream>>>(p);
   return cudaSuccess;
 }

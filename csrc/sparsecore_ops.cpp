@@ -2,7 +2,7 @@
 //
 //   cuda_bsr_linear(x [M, K], values [nnzb, BN, BK], row_ptr, col_idx, block_row, row_order,
 //                   out_features, bias?, activation, kernel) -> y [M, out_features]
-//     kernel: "auto" (decode if M <= 16 and BK >= 32, else sm90 on compute capability 9.0
+//     kernel: "auto" (decode if M <= 64 and BK >= 32, else sm90 on compute capability 9.0
 //             when built for sm_90a, else sm80) | "sm80" | "sm90" | "decode"
 //   cuda_has_sm90a() -> bool   (the build contains the sm_90a wgmma kernel)
 //
@@ -66,7 +66,6 @@ int64_t check_inputs(const Tensor& x, const Tensor& values, const Tensor& row_pt
   check_index(col_idx, "col_idx", nnzb);
   check_index(block_row, "block_row", nnzb);
   check_index(row_order, "row_order", R);
-  TORCH_CHECK(R <= 65535, "cuda_bsr_linear: row_ptr: expected at most 65535 block-rows, got ", R);
   if (out_features) {
     TORCH_CHECK(*out_features > (R - 1) * bn && *out_features <= R * bn, "cuda_bsr_linear: out_features: expected ",
                 "a value in (", (R - 1) * bn, ", ", R * bn, "] for ", R, " block-rows of ", bn, ", got ", *out_features);
@@ -116,8 +115,8 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   }
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t bn = values.size(1), bk = values.size(2);
-  TORCH_CHECK(M < INT_MAX && K < INT_MAX - 8 && values.numel() < INT64_MAX / 2,
-              "cuda_bsr_linear: x: expected fewer than 2^31 rows and columns, got ", x.sizes());
+  TORCH_CHECK(M <= 65535LL * 128 && K < INT_MAX - 8, "cuda_bsr_linear: x: expected at most ", 65535LL * 128,
+              " rows and fewer than 2^31 - 8 columns, got ", x.sizes());
 
   c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo& info = device_info(x.get_device());

@@ -1,6 +1,7 @@
 """Tune the Triton kernels' launch configs on this GPU and write ``kernels/tuned_configs.json``.
 
-    python bench/tune_triton.py                       # bf16, blocks 16..128, ~6 min on an H100
+    python bench/tune_triton.py                       # bf16, blocks 16..128, ~6-10 min on an H100
+    python bench/tune_triton.py --quick               # blocks 32, 64; M 16 and 4096: ~1-2 min
     python bench/tune_triton.py --dtypes bf16,fp16 --blocks 64 --shape 8192 --exact
 
 For each (kernel, dtype, block, M bucket) it times a small candidate set around the
@@ -134,7 +135,10 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=8, help="candidates per key (heuristic included)")
     p.add_argument("--exact", action="store_true", help="also write exact-shape keys")
     p.add_argument("--out", default=None, help="table path (default: the package's tuned_configs.json)")
+    p.add_argument("--quick", action="store_true", help="--blocks 32,64 --buckets 16,4096 --limit 6")
     args = p.parse_args(argv)
+    if args.quick:
+        args.blocks, args.buckets, args.limit = "32,64", "16,4096", 6
     if not torch.cuda.is_available():
         sys.exit("tune_triton.py needs a CUDA GPU")
 

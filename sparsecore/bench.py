@@ -60,7 +60,7 @@ log = logging.getLogger("sparsecore.bench")
 CSV_COLUMNS = ("gpu", "torch", "triton", "cuda", "commit", "op", "provider", "dtype", "M", "N", "K",
                "block_n", "block_k", "density", "ms_p50", "ms_p20", "ms_p80", "tflops",
                "speedup_vs_dense", "pct_of_ideal", "eff_vs_oracle")
-EXTRA_COLUMNS = ("rel_err", "tol", "tokens_per_s", "copies", "timer", "detail")
+EXTRA_COLUMNS = ("nominal_density", "rel_err", "tol", "tokens_per_s", "copies", "timer", "detail")
 
 OPS = ("fwd", "bwd", "mlp", "decoder")
 PROVIDERS = ("dense", "oracle", "sparsecore-torch", "sparsecore-triton", "sparsecore-cuda", "torch-bsr",
@@ -826,7 +826,7 @@ class Runner:
                    speedup_vs_dense=speedup, pct_of_ideal=speedup * density if speedup else None,
                    eff_vs_oracle=oracle_ms / p50 if oracle_ms else None, rel_err=err, tol=tol,
                    tokens_per_s=prob.M / (p50 * 1e-3) if prob.op == "decoder" else None, copies=ncopies,
-                   timer=timer, detail=_detail(prob, s))
+                   timer=timer, detail=_detail(prob, s), nominal_density=s.density)
         self.rows.append(row)
         return row
 
@@ -840,8 +840,6 @@ def _detail(prob: Problem, s: Structure) -> str:
         bits.append(f"decode batch={prob.M} context={prob.cfg.context}" if prob.decode else f"prefill {prob.M} tokens")
     if s.kind == "packed":
         bits.append("Kk = density*K rounded to 16")
-    if s.kind != "dense":
-        bits.append(f"nominal density {s.density:g}")
     return "; ".join(bits)
 
 
@@ -875,11 +873,14 @@ def format_table(rows) -> str:
     heads = [h for h, _, _ in TABLE_COLS]
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(heads)]
     out = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+    machines = len({r["gpu"] for r in rows}) > 1  # e.g. several runs in one CSV: name each
     prev = None
     for r, cells in zip(rows, lines):
-        group = (r["op"], r["dtype"], r["M"], r["N"], r["K"])
+        group = (r["gpu"], r["op"], r["dtype"], r["M"], r["N"], r["K"])
         if prev is not None and group != prev:
             out.append("")
+        if machines and (prev is None or group[0] != prev[0]):
+            out.append(f"# {r['gpu']}")
         prev = group
         out.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
     return "\n".join(out)
@@ -920,7 +921,8 @@ def plot(rows, path: Path) -> bool:
     ncol = min(4, len(panels))
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
-    dens = sorted({r["density"] for r in rows if r["density"] < 1}) or [0.1, 1.0]
+    nominal = lambda r: r.get("nominal_density") or r["density"]
+    dens = sorted({nominal(r) for r in sparse}) or [0.1, 1.0]
     for ax, (op, prov) in zip(axes.flat, panels):
         pts = [r for r in sparse if r["op"] == op and r["provider"] == prov]
         for blk in sorted({(r["block_n"], r["block_k"]) for r in pts}):
@@ -929,11 +931,11 @@ def plot(rows, path: Path) -> bool:
             ax.scatter(xs, [r["speedup_vs_dense"] for r in mine], s=12, alpha=0.5)
             med = {}
             for r in mine:
-                med.setdefault(round(r["density"], 2), []).append(r["speedup_vs_dense"])
+                med.setdefault(nominal(r), []).append(r["speedup_vs_dense"])
             d_sorted = sorted(med)
             ax.plot(d_sorted, [statistics.median(med[d]) for d in d_sorted], marker="o",
                     label=f"{blk[0]}x{blk[1]}" if blk != (1, 4) else "2:4")
-        lo, hi = min(dens) * 0.9, 1.0
+        lo, hi = min(min(dens), min(r["density"] for r in pts)) * 0.9, 1.0
         grid = [lo * (hi / lo) ** (i / 40) for i in range(41)]
         ax.plot(grid, [1 / d for d in grid], "k--", lw=1, label="ideal 1/density")
         ax.axhline(1.0, color="grey", lw=0.5)
@@ -949,7 +951,7 @@ def plot(rows, path: Path) -> bool:
         ax.set_visible(False)
     env = rows[0]
     fig.suptitle(f"{env['gpu']} | torch {env['torch']} | commit {env['commit']} (points: shapes x tokens; "
-                 f"line: median)", fontsize=9)
+                 f"line: median at the nominal density)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1035,7 +1037,7 @@ def _run(cfg: Config) -> list:
 
 
 INT_FIELDS = ("M", "N", "K", "block_n", "block_k", "copies")
-FLOAT_FIELDS = ("density", "ms_p50", "ms_p20", "ms_p80", "tflops", "speedup_vs_dense", "pct_of_ideal",
+FLOAT_FIELDS = ("density", "nominal_density", "ms_p50", "ms_p20", "ms_p80", "tflops", "speedup_vs_dense", "pct_of_ideal",
                 "eff_vs_oracle", "rel_err", "tol", "tokens_per_s")
 
 

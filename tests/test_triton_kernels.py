@@ -236,6 +236,23 @@ def test_backend_interface_and_selection():
 
 
 @needs_kernels
+@pytest.mark.parametrize("M", [3, 130])
+def test_registered_triton_ops_eager(M):
+    """The torch.library.triton_op ops (launching through wrap_triton), called eagerly."""
+    dtype, block = torch.float16, (32, 16)
+    W, g = make(block, dtype)
+    N, K = W.shape
+    x, b, dy = rand(g, M, K, dtype=dtype), rand(g, N, dtype=dtype), rand(g, M, N, dtype=dtype)
+    ops = torch.ops.sparsecore
+    y = ops.triton_bsr_linear(x, W.values, W.row_ptr, W.col_idx, W.block_row, W.row_order, N, b, "gelu")
+    assert_close(y, oracle(x, W.to_dense(), b, "gelu"), dtype)
+    dx = ops.triton_bsr_linear_grad_input(dy, W.values, W.col_ptr, W.row_idx, W.t_perm, K)
+    assert_close(dx, dy.double() @ W.to_dense().double(), dtype)
+    dv = ops.triton_bsr_linear_grad_weight(dy, x, W.block_row, W.col_idx, *block)
+    assert_close(dv, kept(dy.double().T @ x.double(), W), dtype)
+
+
+@needs_kernels
 def test_direct_calls_reject_bad_input():
     W, g = make((16, 16), torch.float16)
     x = rand(g, 2, W.shape[1], dtype=torch.float32)

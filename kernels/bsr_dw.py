@@ -10,8 +10,9 @@ Design
   Programs of consecutive kept blocks share the dY columns of their block-row (BSR order)
   and move down M together, so those tiles come from L2.
 * When ``nnzb`` alone would not fill the GPU (few kept blocks, large M) M is split into
-  ``S`` ranges: partials are added with fp32 atomics into an fp32 buffer, cast once at the
-  end. With ``S == 1`` the block is stored directly in the output dtype.
+  ``S`` ranges: each writes its fp32 partial to its own slice of a ``[S, nnzb, BN, BK]``
+  workspace, summed in a fixed order and cast once afterwards (deterministic, no atomics).
+  With ``S == 1`` the block is stored directly in the output dtype.
 * Zero padding: dY columns ``>= N`` and X columns ``>= K`` load as zeros, so padded rows /
   columns of a block get zero gradient, as the format requires.
 * The dY^T tile is M-contiguous (a transposed A operand): wgmma reads it from shared memory
@@ -29,11 +30,12 @@ from .common import interpreting, launchable, mma
 @triton.jit
 def bsr_dw_kernel(
     dy, x, block_row, col_idx, dv,
-    M, N, K, m_per_split, stride_dym, stride_xm,
-    BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
+    M, N, K, nnzb, m_per_split, stride_dym, stride_xm,
+    BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     i = tl.program_id(0)
-    m_lo = tl.program_id(1) * m_per_split
+    s = tl.program_id(1)
+    m_lo = s * m_per_split
     m_hi = tl.minimum(m_lo + m_per_split, M)
     r = tl.load(block_row + i)
     c = tl.load(col_idx + i)
@@ -54,8 +56,8 @@ def bsr_dw_kernel(
         acc = mma(a, b, acc, DOT_F32)
 
     blk = i.to(tl.int64) * (BN * BK) + tl.arange(0, BN)[:, None] * BK + tl.arange(0, BK)[None, :]
-    if ATOMIC:
-        tl.atomic_add(dv + blk, acc, sem="relaxed")
+    if SPLIT:  # fp32 partial into slice s of the [S, nnzb, BN, BK] workspace
+        tl.store(dv + s.to(tl.int64) * nnzb * (BN * BK) + blk, acc)
     else:
         tl.store(dv + blk, acc.to(dv.dtype.element_ty))
 
@@ -75,11 +77,11 @@ def bsr_dw(dy, x, block_row, col_idx, block, *, config: dict, programs: int, wra
     splits = max(1, min(tiles, triton.cdiv(programs, nnzb)))
     m_per_split = triton.cdiv(tiles, splits) * BM
     splits = triton.cdiv(M, m_per_split)
-    atomic = splits > 1
-    dv = torch.zeros(nnzb, BN, BK, dtype=torch.float32, device=dy.device) if atomic else \
-        torch.empty(nnzb, BN, BK, dtype=dy.dtype, device=dy.device)
+    split = splits > 1
+    dv = torch.empty((splits, nnzb, BN, BK) if split else (nnzb, BN, BK),
+                     dtype=torch.float32 if split else dy.dtype, device=dy.device)
     launchable(bsr_dw_kernel, wrap)[(nnzb, splits)](
-        dy, x, block_row, col_idx, dv, M, N, K, m_per_split, dy.stride(0), x.stride(0),
-        BN=BN, BK=BK, BM=BM, ATOMIC=atomic, DOT_F32=interpreting() and dy.dtype == torch.bfloat16,
+        dy, x, block_row, col_idx, dv, M, N, K, nnzb, m_per_split, dy.stride(0), x.stride(0),
+        BN=BN, BK=BK, BM=BM, SPLIT=split, DOT_F32=interpreting() and dy.dtype == torch.bfloat16,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
-    return dv.to(dy.dtype) if atomic else dv
+    return dv.sum(0).to(dy.dtype) if split else dv

@@ -79,7 +79,7 @@ def _capture_launches(kernel, dtype, block, M, act, arch):
     elif kernel == "dx":
         bsr_dx.bsr_dx(dy, vals, i32(C + 1), i32(nnzb), i32(nnzb), K, config=cfg, wrap=Capture)
     else:
-        nnzb = 16 if M > 4096 else nnzb  # few blocks, long M: the split (atomic) variant
+        nnzb = 16 if M > 4096 else nnzb  # few blocks, long M: the split (workspace) variant
         bsr_dw.bsr_dw(dy, x, i32(nnzb), i32(nnzb), block, config=cfg, programs=PROGRAMS, wrap=Capture)
     return launches, cfg
 

@@ -45,9 +45,15 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// ldmatrix: four 8x8 b16 matrices; lane l gives the row address of matrix l/8.
+// ldmatrix: four 8x8 b16 matrices; lane l gives the row address of matrix l/8. Plain: lane
+// (g, t) gets row g, columns 2t..2t+1 of each; .trans: rows 2t..2t+1 of column g.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
@@ -140,8 +146,21 @@ __device__ __forceinline__ float activate(float z, int act) {
   }
 }
 
-// Store acc values for (m, n) and (m, n+1); n is even. Skips rows >= M and columns >= N;
-// a 4-byte store when both columns exist and y's rows keep 4-byte alignment (N even).
+// Store v0, v1 at y[m, n], y[m, n+1] of a [M, N] row-major y (n even). Skips rows >= M and
+// columns >= N; a 4-byte store when both columns exist and rows stay 4-byte aligned (N even).
+template <typename T>
+__device__ __forceinline__ void store_pair_raw(T* y, int M, int N, int m, int n, float v0, float v1) {
+  if (m >= M || n >= N) return;
+  T* dst = y + static_cast<int64_t>(m) * N + n;
+  if (n + 1 < N && (N & 1) == 0) {
+    *reinterpret_cast<uint32_t*>(dst) = Elem<T>::pack(v0, v1);
+  } else {
+    dst[0] = Elem<T>::from_float(v0);
+    if (n + 1 < N) dst[1] = Elem<T>::from_float(v1);
+  }
+}
+
+// The forward epilogue: y[m, n..n+1] = act(acc + bias).
 template <typename T>
 __device__ __forceinline__ void store_pair(const BsrParams& p, int m, int n, float v0, float v1) {
   if (m >= p.M || n >= p.N) return;
@@ -150,15 +169,7 @@ __device__ __forceinline__ void store_pair(const BsrParams& p, int m, int n, flo
     v0 += Elem<T>::to_float(bias[n]);
     if (n + 1 < p.N) v1 += Elem<T>::to_float(bias[n + 1]);
   }
-  v0 = activate(v0, p.activation);
-  v1 = activate(v1, p.activation);
-  T* y = static_cast<T*>(p.y) + static_cast<int64_t>(m) * p.N + n;
-  if (n + 1 < p.N && (p.N & 1) == 0) {
-    *reinterpret_cast<uint32_t*>(y) = Elem<T>::pack(v0, v1);
-  } else {
-    y[0] = Elem<T>::from_float(v0);
-    if (n + 1 < p.N) y[1] = Elem<T>::from_float(v1);
-  }
+  store_pair_raw<T>(static_cast<T*>(p.y), p.M, p.N, m, n, activate(v0, p.activation), activate(v1, p.activation));
 }
 
 }  // namespace sparsecore

@@ -54,4 +54,41 @@ constexpr int kDecodeMaxM = 64;
 cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream);
 cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 
+// ---- backward (mask fixed), mma.sync kernels for sm80+ ------------------------------------
+//   dX [M, K]          = dY [M, N] @ W            via the CSC metadata:
+//   col_ptr [C + 1]    kept blocks of block-column c: CSC slots col_ptr[c] .. col_ptr[c+1]
+//   row_idx [nnzb]     block-row of each CSC slot;  t_perm [nnzb]: its index into values
+//   dV [nnzb, BN, BK]  = dY[:, rows of block]^T @ X[:, cols of block]  (kept blocks only)
+//   dy / x: row-major, 16-byte aligned, ld % 8 == 0; columns >= Ny / Kx read as 0.
+struct BsrDxParams {
+  const void* dy;
+  const void* values;
+  const int32_t* col_ptr;
+  const int32_t* row_idx;
+  const int32_t* t_perm;
+  void* dx;  // [M, K]
+  int M, K, C;
+  int Ny, ldy;
+  int bn_shift;  // log2(BN)
+};
+
+struct BsrDwParams {
+  const void* dy;
+  const void* x;
+  const int32_t* block_row;
+  const int32_t* col_idx;
+  void* dv;          // [nnzb, BN, BK]
+  float* workspace;  // fp32 [nnzb, BN, BK], zeroed, when splits > 1; else nullptr
+  int M, nnzb;
+  int Ny, ldy, Kx, ldx;
+  int splits;         // M is cut into `splits` ranges of whole 64-row chunks (grid.y)
+};
+
+// dX: one CTA per (block-column, 128-row tile of dY); bk: 16 .. 128 (the output tile width).
+cudaError_t launch_bsr_dx(const BsrDxParams& p, DType dt, int bk, cudaStream_t stream);
+// dW: one CTA per (kept block, M range); with splits > 1 it accumulates into p.workspace
+// and launch_bsr_dw_finalize casts it into p.dv.
+cudaError_t launch_bsr_dw(const BsrDwParams& p, DType dt, int bn, int bk, cudaStream_t stream);
+cudaError_t launch_bsr_dw_finalize(const BsrDwParams& p, DType dt, int64_t numel, cudaStream_t stream);
+
 }  // namespace sparsecore

@@ -1,8 +1,9 @@
 """A small case per CUDA kernel for compute-sanitizer (memcheck, racecheck, synccheck).
 
-Each kernel of ``sparsecore._C`` that this GPU can run (sm80, sm90 on compute capability
-9.0 when built for sm_90a, decode) computes a few small forwards with tails everywhere (odd M,
-N and K off the block, an empty block-row, bias + activation), each checked against float64.
+Each kernel of ``sparsecore._C`` that this GPU can run (forward: sm80, sm90 on compute
+capability 9.0 when built for sm_90a, decode; backward: dX, dW) computes a few small cases
+with tails everywhere (odd M, N and K off the block, an empty block-row, bias + activation),
+each checked against float64.
 Exit 0 only if every output is right; 1 if one is wrong; 2 if nothing could run.
 
     compute-sanitizer --tool memcheck  python csrc/sanitize_case.py
@@ -20,6 +21,7 @@ CASES = (  # M, N, K, block, dtype
     (37, 130, 90, (16, 32), torch.float16),
     (70, 64, 100, (16, 16), torch.float16),
     (131, 96, 200, (128, 16), torch.bfloat16),
+    (300, 128, 64, (64, 64), torch.bfloat16),  # dW with M cut into ranges (fp32 atomics)
 )
 
 
@@ -47,14 +49,22 @@ def main() -> int:
         W = sc.BlockSparseWeight.from_dense(w, sc.BlockMask(mask, block, (N, K))).to("cuda")
         x = torch.randn(M, K, generator=g).to(dtype=dtype, device="cuda")
         b = torch.randn(N, generator=g).to(dtype=dtype, device="cuda")
-        ref = torch.relu(x.double() @ W.to_dense().double().T + b.double())
+        dy = torch.randn(M, N, generator=g).to(dtype=dtype, device="cuda")
+        wd = W.to_dense().double()
+        ref = torch.relu(x.double() @ wd.T + b.double())
+        outs = []
         for kernel in kernels:
             if kernel == "decode" and (M > 64 or block[1] < 32):
                 continue
-            y = torch.ops.sparsecore.cuda_bsr_linear(x, W.values, W.row_ptr, W.col_idx, W.block_row, W.row_order,
-                                                     N, b, "relu", kernel)
-            torch.cuda.synchronize()
-            err = float((y.double() - ref).norm() / ref.norm())
+            outs.append((kernel, ref, torch.ops.sparsecore.cuda_bsr_linear(
+                x, W.values, W.row_ptr, W.col_idx, W.block_row, W.row_order, N, b, "relu", kernel)))
+        outs.append(("dx", dy.double() @ wd, torch.ops.sparsecore.cuda_bsr_linear_grad_input(
+            dy, W.values, W.col_ptr, W.row_idx, W.t_perm, K)))
+        outs.append(("dw", sc.BlockSparseWeight.from_dense(dy.double().T @ x.double(), W.block_mask()).values,
+                     torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, W.block_row, W.col_idx, *block)))
+        torch.cuda.synchronize()
+        for kernel, want, got in outs:
+            err = float((got.double() - want).norm() / want.norm())
             ran += 1
             if not err <= TOL[dtype]:
                 bad.append(f"{kernel} M={M} N={N} K={K} block={block} {dtype}: rel err {err:.3e}")

@@ -4,6 +4,10 @@
 //                   out_features, bias?, activation, kernel) -> y [M, out_features]
 //     kernel: "auto" (decode if M <= 64 and BK >= 32, else sm90 on compute capability 9.0
 //             when built for sm_90a, else sm80) | "sm80" | "sm90" | "decode"
+//   cuda_bsr_linear_grad_input(dy [M, N], values, col_ptr, row_idx, t_perm, in_features)
+//                   -> dx [M, in_features]            (dX = dY @ W, CSC metadata)
+//   cuda_bsr_linear_grad_weight(dy [M, N], x [M, K], block_row, col_idx, block_n, block_k)
+//                   -> dvalues [nnzb, BN, BK]          (dY^T X on the kept blocks only)
 //   cuda_has_sm90a() -> bool   (the build contains the sm_90a wgmma kernel)
 //
 // Importing the module `sparsecore._C` (a plain CPython module with no functions) runs the
@@ -16,6 +20,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <climits>
 #include <mutex>
@@ -100,39 +105,56 @@ const DeviceInfo& device_info(int dev) {
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
+// t [rows, D] as the kernels read it: row-major, 16-byte aligned, D a multiple of 8 (a
+// zero-padded copy when t is not already so).
+Tensor rows16(const Tensor& t) {
+  const int64_t d = t.size(1), d8 = (d + 7) / 8 * 8;
+  if (t.is_contiguous() && d == d8 && aligned16(t)) return t;
+  Tensor out = at::zeros({t.size(0), d8}, t.options());
+  out.narrow(1, 0, d).copy_(t);
+  return out;
+}
+
+void check_half(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "cuda_bsr_linear: ", name, ": expected a 2-D tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, "cuda_bsr_linear: ", name,
+              ": expected dtype float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_same_device(const Tensor& ref, std::initializer_list<std::pair<const Tensor*, const char*>> ts) {
+  for (auto [t, name] : ts) {
+    TORCH_CHECK(t->device() == ref.device(), "cuda_bsr_linear: ", name, ": expected device ", ref.device(),
+                ", got ", t->device());
+  }
+}
+
+const DeviceInfo& checked_device(const Tensor& t) {
+  const DeviceInfo& info = device_info(t.get_device());
+  TORCH_CHECK(info.major >= 8, "cuda_bsr_linear: expected a GPU of compute capability >= 8.0, got ", info.major,
+              ".", info.minor);
+  return info;
+}
+
 Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                        const Tensor& block_row, const Tensor& row_order, int64_t out_features,
                        const c10::optional<Tensor>& bias, c10::string_view activation, c10::string_view kernel) {
   const int64_t R = check_inputs(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation);
-  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&values, "values"}, {&row_ptr, "row_ptr"},
-                         {&col_idx, "col_idx"}, {&block_row, "block_row"}, {&row_order, "row_order"}}) {
-    TORCH_CHECK(t->device() == x.device(), "cuda_bsr_linear: ", name, ": expected device ", x.device(),
-                " (as x), got ", t->device());
-  }
-  if (bias) {
-    TORCH_CHECK(bias->device() == x.device(), "cuda_bsr_linear: bias: expected device ", x.device(), ", got ",
-                bias->device());
-  }
+  check_same_device(x, {{&values, "values"}, {&row_ptr, "row_ptr"}, {&col_idx, "col_idx"},
+                       {&block_row, "block_row"}, {&row_order, "row_order"}});
+  if (bias) check_same_device(x, {{&*bias, "bias"}});
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t bn = values.size(1), bk = values.size(2);
   TORCH_CHECK(M <= 65535LL * 128 && K < INT_MAX - 8, "cuda_bsr_linear: x: expected at most ", 65535LL * 128,
               " rows and fewer than 2^31 - 8 columns, got ", x.sizes());
 
   c10::cuda::CUDAGuard guard(x.device());
-  const DeviceInfo& info = device_info(x.get_device());
-  TORCH_CHECK(info.major >= 8, "cuda_bsr_linear: x: expected a GPU of compute capability >= 8.0, got ",
-              info.major, ".", info.minor);
+  const DeviceInfo& info = checked_device(x);
 
   Tensor y = at::empty({M, out_features}, x.options());
   if (M == 0) return y;
 
-  // x: row-major, 16-byte aligned rows of a multiple of 8 elements; else a zero-padded copy.
-  const int64_t Kx = (K + 7) / 8 * 8;
-  Tensor xp = x;
-  if (!x.is_contiguous() || K != Kx || !aligned16(x)) {
-    xp = at::zeros({M, Kx}, x.options());
-    xp.narrow(1, 0, K).copy_(x);
-  }
+  const Tensor xp = rows16(x);
+  const int64_t Kx = xp.size(1);
   const Tensor vals = aligned16(values) ? values : values.clone();
   const Tensor b = bias ? bias->contiguous() : Tensor();
   const Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous(), br = block_row.contiguous(),
@@ -196,6 +218,139 @@ Tensor bsr_linear_meta(const Tensor& x, const Tensor& values, const Tensor& row_
   return at::empty_symint({x.sym_size(0), out_features}, x.options());
 }
 
+// ---- backward ------------------------------------------------------------------------------
+void check_values(const Tensor& values, const Tensor& like) {
+  TORCH_CHECK(values.dim() == 3 && values.is_contiguous(),
+              "cuda_bsr_linear: values: expected a contiguous [nnzb, BN, BK], got shape ", values.sizes());
+  TORCH_CHECK(values.scalar_type() == like.scalar_type(), "cuda_bsr_linear: values: expected dtype ",
+              like.scalar_type(), ", got ", values.scalar_type());
+  TORCH_CHECK(is_block_side(values.size(1)) && is_block_side(values.size(2)),
+              "cuda_bsr_linear: values: expected blocks with sides in {16, 32, 64, 128}, got (", values.size(1), ", ",
+              values.size(2), ")");
+}
+
+// Returns C (block-columns).
+int64_t check_grad_input(const Tensor& dy, const Tensor& values, const Tensor& col_ptr, const Tensor& row_idx,
+                         const Tensor& t_perm, c10::optional<int64_t> in_features) {
+  check_half(dy, "dy");
+  check_values(values, dy);
+  TORCH_CHECK(col_ptr.dim() == 1 && col_ptr.numel() >= 2,
+              "cuda_bsr_linear: col_ptr: expected int32 [C + 1] with C >= 1, got shape ", col_ptr.sizes());
+  const int64_t C = col_ptr.numel() - 1, nnzb = values.size(0), bk = values.size(2);
+  check_index(col_ptr, "col_ptr", C + 1);
+  check_index(row_idx, "row_idx", nnzb);
+  check_index(t_perm, "t_perm", nnzb);
+  if (in_features) {
+    TORCH_CHECK(*in_features > (C - 1) * bk && *in_features <= C * bk, "cuda_bsr_linear: in_features: expected a ",
+                "value in (", (C - 1) * bk, ", ", C * bk, "] for ", C, " block-columns of ", bk, ", got ", *in_features);
+  }
+  return C;
+}
+
+Tensor grad_input_cuda(const Tensor& dy, const Tensor& values, const Tensor& col_ptr, const Tensor& row_idx,
+                       const Tensor& t_perm, int64_t in_features) {
+  const int64_t C = check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features);
+  check_same_device(dy, {{&values, "values"}, {&col_ptr, "col_ptr"}, {&row_idx, "row_idx"}, {&t_perm, "t_perm"}});
+  const int64_t M = dy.size(0);
+  TORCH_CHECK(M <= 65535LL * 128 && dy.size(1) < INT_MAX - 8 && in_features < INT_MAX,
+              "cuda_bsr_linear: dy: expected at most ", 65535LL * 128, " rows, got ", dy.sizes());
+  c10::cuda::CUDAGuard guard(dy.device());
+  checked_device(dy);
+  Tensor dx = at::empty({M, in_features}, dy.options());
+  if (M == 0) return dx;
+  const Tensor dyp = rows16(dy), cp = col_ptr.contiguous(), ri = row_idx.contiguous(), tp = t_perm.contiguous();
+  const Tensor vals = aligned16(values) ? values : values.clone();
+  BsrDxParams p{};
+  p.dy = dyp.data_ptr();
+  p.values = vals.data_ptr();
+  p.col_ptr = cp.data_ptr<int32_t>();
+  p.row_idx = ri.data_ptr<int32_t>();
+  p.t_perm = tp.data_ptr<int32_t>();
+  p.dx = dx.data_ptr();
+  p.M = static_cast<int>(M);
+  p.K = static_cast<int>(in_features);
+  p.C = static_cast<int>(C);
+  p.Ny = static_cast<int>(dyp.size(1));
+  p.ldy = p.Ny;
+  p.bn_shift = __builtin_ctzll(static_cast<unsigned long long>(values.size(1)));
+  const DType dt = dy.scalar_type() == at::kHalf ? kFloat16 : kBFloat16;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(launch_bsr_dx(p, dt, static_cast<int>(values.size(2)), stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+Tensor grad_input_meta(const Tensor& dy, const Tensor& values, const Tensor& col_ptr, const Tensor& row_idx,
+                       const Tensor& t_perm, c10::SymInt in_features) {
+  check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features.maybe_as_int());
+  return at::empty_symint({dy.sym_size(0), in_features}, dy.options());
+}
+
+void check_grad_weight(const Tensor& dy, const Tensor& x, const Tensor& block_row, const Tensor& col_idx,
+                       c10::optional<int64_t> bn, c10::optional<int64_t> bk) {
+  check_half(dy, "dy");
+  check_half(x, "x");
+  TORCH_CHECK(x.scalar_type() == dy.scalar_type(), "cuda_bsr_linear: x: expected dtype ", dy.scalar_type(),
+              " (as dy), got ", x.scalar_type());
+  TORCH_CHECK(x.sym_size(0) == dy.sym_size(0), "cuda_bsr_linear: x: expected ", dy.sym_size(0),
+              " rows (as dy), got ", x.sym_size(0));
+  for (auto [side, name] : {std::pair{bn, "block_n"}, {bk, "block_k"}}) {
+    if (side) {
+      TORCH_CHECK(is_block_side(*side), "cuda_bsr_linear: ", name, ": expected one of 16, 32, 64, 128, got ", *side);
+    }
+  }
+  TORCH_CHECK(col_idx.dim() == 1, "cuda_bsr_linear: col_idx: expected int32 [nnzb], got shape ", col_idx.sizes());
+  check_index(col_idx, "col_idx", col_idx.numel());
+  check_index(block_row, "block_row", col_idx.numel());
+}
+
+Tensor grad_weight_cuda(const Tensor& dy, const Tensor& x, const Tensor& block_row, const Tensor& col_idx,
+                        int64_t block_n, int64_t block_k) {
+  check_grad_weight(dy, x, block_row, col_idx, block_n, block_k);
+  check_same_device(dy, {{&x, "x"}, {&block_row, "block_row"}, {&col_idx, "col_idx"}});
+  const int64_t M = dy.size(0), nnzb = col_idx.numel();
+  TORCH_CHECK(dy.size(1) < INT_MAX - 8 && x.size(1) < INT_MAX - 8 && M < INT_MAX - 64,
+              "cuda_bsr_linear: dy: expected fewer than 2^31 - 64 rows and columns, got ", dy.sizes());
+  c10::cuda::CUDAGuard guard(dy.device());
+  const DeviceInfo& info = checked_device(dy);
+  if (nnzb == 0 || M == 0) return at::zeros({nnzb, block_n, block_k}, dy.options());
+  Tensor dv = at::empty({nnzb, block_n, block_k}, dy.options());
+  const Tensor dyp = rows16(dy), xp = rows16(x), br = block_row.contiguous(), ci = col_idx.contiguous();
+  // Cut M when the kept blocks alone leave SMs idle; each range keeps >= 4 chunks of 64 rows.
+  const int64_t chunks = (M + 63) / 64;
+  const int64_t splits = std::max<int64_t>(
+      1, std::min<int64_t>({(2 * info.sms + nnzb - 1) / nnzb, chunks / 4, 65535}));
+  Tensor ws;
+  if (splits > 1) ws = at::zeros({nnzb, block_n, block_k}, dy.options().dtype(at::kFloat));
+  BsrDwParams p{};
+  p.dy = dyp.data_ptr();
+  p.x = xp.data_ptr();
+  p.block_row = br.data_ptr<int32_t>();
+  p.col_idx = ci.data_ptr<int32_t>();
+  p.dv = dv.data_ptr();
+  p.workspace = ws.defined() ? ws.data_ptr<float>() : nullptr;
+  p.M = static_cast<int>(M);
+  p.nnzb = static_cast<int>(nnzb);
+  p.Ny = p.ldy = static_cast<int>(dyp.size(1));
+  p.Kx = p.ldx = static_cast<int>(xp.size(1));
+  p.splits = static_cast<int>(splits);
+  const DType dt = dy.scalar_type() == at::kHalf ? kFloat16 : kBFloat16;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(launch_bsr_dw(p, dt, static_cast<int>(block_n), static_cast<int>(block_k), stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    C10_CUDA_CHECK(launch_bsr_dw_finalize(p, dt, dv.numel(), stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return dv;
+}
+
+Tensor grad_weight_meta(const Tensor& dy, const Tensor& x, const Tensor& block_row, const Tensor& col_idx,
+                        c10::SymInt block_n, c10::SymInt block_k) {
+  check_grad_weight(dy, x, block_row, col_idx, block_n.maybe_as_int(), block_k.maybe_as_int());
+  return at::empty_symint({col_idx.sym_size(0), block_n, block_k}, dy.options());
+}
+
 bool has_sm90a() { return bsr_sm90_built(); }
 
 }  // namespace
@@ -206,12 +361,26 @@ TORCH_LIBRARY_FRAGMENT(sparsecore, m) {
       "cuda_bsr_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor block_row, "
       "Tensor row_order, SymInt out_features, Tensor? bias=None, str activation=\"none\", "
       "str kernel=\"auto\") -> Tensor");
+  m.def(
+      "cuda_bsr_linear_grad_input(Tensor dy, Tensor values, Tensor col_ptr, Tensor row_idx, Tensor t_perm, "
+      "SymInt in_features) -> Tensor");
+  m.def(
+      "cuda_bsr_linear_grad_weight(Tensor dy, Tensor x, Tensor block_row, Tensor col_idx, SymInt block_n, "
+      "SymInt block_k) -> Tensor");
   m.def("cuda_has_sm90a() -> bool", &sparsecore::has_sm90a);
 }
 
-TORCH_LIBRARY_IMPL(sparsecore, CUDA, m) { m.impl("cuda_bsr_linear", &sparsecore::bsr_linear_cuda); }
+TORCH_LIBRARY_IMPL(sparsecore, CUDA, m) {
+  m.impl("cuda_bsr_linear", &sparsecore::bsr_linear_cuda);
+  m.impl("cuda_bsr_linear_grad_input", &sparsecore::grad_input_cuda);
+  m.impl("cuda_bsr_linear_grad_weight", &sparsecore::grad_weight_cuda);
+}
 
-TORCH_LIBRARY_IMPL(sparsecore, Meta, m) { m.impl("cuda_bsr_linear", &sparsecore::bsr_linear_meta); }
+TORCH_LIBRARY_IMPL(sparsecore, Meta, m) {
+  m.impl("cuda_bsr_linear", &sparsecore::bsr_linear_meta);
+  m.impl("cuda_bsr_linear_grad_input", &sparsecore::grad_input_meta);
+  m.impl("cuda_bsr_linear_grad_weight", &sparsecore::grad_weight_meta);
+}
 
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "sparsecore CUDA kernels (registers "

@@ -3,8 +3,8 @@
 Runs wherever setup.py builds the extension (nvcc + a CUDA build of torch, no
 SPARSECORE_SKIP_CUDA_BUILD): the module imports and registers its ops, the meta kernel
 checks inputs, and the compiled kernels are read back from the .so with cuobjdump:
-no spills, HGMMA in the sm_90a wgmma kernel, HMMA + ldmatrix + cp.async in the sm80 one,
-16-byte loads + HMMA in the decode kernel. Also: an unloadable build never breaks
+no spills, HGMMA in the sm_90a wgmma kernel, HMMA + ldmatrix + cp.async in the sm80 one and
+the backward ones (ldmatrix.trans there), 16-byte loads + HMMA in the decode kernel. Also: an unloadable build never breaks
 ``import sparsecore`` and warns once.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "csrc"))
 import sparsecore_build  # noqa: E402
 
-KERNELS = ("bsr_fwd_sm80", "bsr_fwd_sm90", "bsr_fwd_decode", "bsr_finalize")
+KERNELS = ("bsr_fwd_sm80", "bsr_fwd_sm90", "bsr_fwd_decode", "bsr_finalize", "bsr_dx_sm80", "bsr_dw_sm80",
+           "bsr_dw_finalize")
 
 
 def _why_not_built():
@@ -162,6 +163,36 @@ def test_meta_kernel_rejects_bad_input(change, match):
         torch.ops.sparsecore.cuda_bsr_linear(*args)
 
 
+@needs_build
+def test_meta_kernels_of_the_backward():
+    import sparsecore._C  # noqa: F401
+
+    meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype, device="meta")
+    i32 = lambda n: meta(n, dtype=torch.int32)
+    dy, x = meta(6, 120), meta(6, 100)
+    dx = torch.ops.sparsecore.cuda_bsr_linear_grad_input(dy, meta(5, 32, 64), i32(3), i32(5), i32(5), 100)
+    assert dx.shape == (6, 100) and dx.dtype == torch.bfloat16
+    dv = torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, i32(5), i32(5), 32, 64)
+    assert dv.shape == (5, 32, 64) and dv.dtype == torch.bfloat16
+    bad = [
+        (lambda: torch.ops.sparsecore.cuda_bsr_linear_grad_input(dy, meta(5, 32, 64), i32(3), i32(5), i32(5), 129),
+         "in_features: expected a value in \\(64, 128\\]"),
+        (lambda: torch.ops.sparsecore.cuda_bsr_linear_grad_input(dy, meta(5, 32, 64), i32(3), i32(4), i32(5), 100),
+         "row_idx: expected int32 \\[5\\]"),
+        (lambda: torch.ops.sparsecore.cuda_bsr_linear_grad_input(dy.float(), meta(5, 32, 64), i32(3), i32(5), i32(5),
+                                                                 100), "dy: expected dtype"),
+        (lambda: torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, meta(7, 100), i32(5), i32(5), 32, 64),
+         "x: expected 6 rows"),
+        (lambda: torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, i32(5), i32(5), 48, 64),
+         "block_n: expected one of"),
+        (lambda: torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, i32(4), i32(5), 32, 64),
+         "block_row: expected int32 \\[5\\]"),
+    ]
+    for call, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
 # -- the compiled kernels ----------------------------------------------------------------
 @needs_build
 def test_no_register_spills():
@@ -170,9 +201,10 @@ def test_no_register_spills():
     funcs = _sections(res, r"\s*Function (\S+):")
     archs = {f"sm_{a}" for a in _archs()}
     assert {a for a, _, _ in funcs} == archs
-    for arch in archs:  # 2 dtypes x 4 block heights for every forward kernel
-        for k in ("bsr_fwd_sm80", "bsr_fwd_sm90", "bsr_fwd_decode"):
-            assert sum(1 for a, b, _ in funcs if (a, b) == (arch, k)) == 8, (arch, k)
+    expected = {"bsr_fwd_sm80": 8, "bsr_fwd_sm90": 8, "bsr_fwd_decode": 8, "bsr_dx_sm80": 8, "bsr_dw_sm80": 32}
+    for arch in archs:  # 2 dtypes x 4 block sides (x 4 for dW: both sides)
+        for k, n in expected.items():
+            assert sum(1 for a, b, _ in funcs if (a, b) == (arch, k)) == n, (arch, k)
     for (arch, _, name), body in funcs.items():
         usage = dict(re.findall(r"(\w+):(\d+)", body))
         assert usage["STACK"] == "0" and usage["LOCAL"] == "0", f"{arch} {name} spills: {body.strip()}"
@@ -190,6 +222,9 @@ def test_sass_uses_tensor_cores():
         if base == "bsr_fwd_sm80":  # cp.async + ldmatrix + mma.sync
             for op in ("HMMA.16816.F32", "LDSM.16.M88.4", "LDGSTS.E.BYPASS.128", "LDGDEPBAR"):
                 assert op in body, f"{arch} {name}: no {op}"
+        elif base in ("bsr_dx_sm80", "bsr_dw_sm80"):  # cp.async + ldmatrix.trans + mma.sync
+            for op in ("HMMA.16816.F32", "LDSM.16.MT88.4", "LDGSTS.E.BYPASS.128"):
+                assert op in body, f"{arch} {name}: no {op}"
         elif base == "bsr_fwd_decode":  # 16-byte loads + mma.sync
             assert "HMMA.16816.F32" in body and "LDG.E.128" in body, f"{arch} {name}"
         elif base == "bsr_fwd_sm90" and arch == "sm_90a":
@@ -198,7 +233,8 @@ def test_sass_uses_tensor_cores():
             # one wgmma group left in flight while the next chunk is prepared
             assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in body, f"{name}: wgmma not overlapped"
     for a in _archs():
-        for k in ("bsr_fwd_sm80", "bsr_fwd_decode") + (("bsr_fwd_sm90",) if a == "90a" else ()):
+        for k in ("bsr_fwd_sm80", "bsr_fwd_decode", "bsr_dx_sm80", "bsr_dw_sm80") + (
+                ("bsr_fwd_sm90",) if a == "90a" else ()):
             assert (f"sm_{a}", k) in seen, (a, k)
 
 

@@ -5,7 +5,8 @@ every shape class it accepts: odd M (1, 3, 59, 111, 300: partial and several 128
 N and K that are not multiples of the block (K % 8 != 0 takes the padded-x path), square and
 rectangular blocks 16..128 (16/32-wide blocks share a K-chunk, 128-wide ones span two),
 empty block-rows, density 0 and 1, bias, activations, long rows (pipeline wrap-around),
-a decode split that crosses block-rows, unaligned / strided x.
+a decode split that crosses block-rows, unaligned / strided x. The backward kernels (dX over
+the CSC metadata, dW on kept blocks, with and without the split over M) meet the same classes.
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ def _case(M, N, K, block, density, dtype, bias=False, empty_rows=1, seed=0):
     x = torch.randn(M, K, generator=g).to(dtype=dtype, device="cuda")
     b = torch.randn(N, generator=g).to(dtype=dtype, device="cuda") if bias else None
     return x, W, b
+
+
+def _randn(*shape, dtype):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype=dtype, device="cuda")
 
 
 def _run(x, W, b=None, activation="none", kernel="auto"):
@@ -147,7 +152,7 @@ def test_auto_choice_and_public_op():
         assert_close(y.view(M, -1), oracle(x, W.to_dense(), b), torch.bfloat16)
     lin = sc.SparseLinear.from_dense(torch.nn.Linear(256, 192), block=(32, 32), sparsity=0.5).cuda().half()
     x = torch.randn(33, 256, device="cuda", dtype=torch.float16, requires_grad=True)
-    y = sc.ops.bsr_linear(x, lin.sparse_weight(), backend="cuda")
+    y = sc.ops.bsr_linear(x, lin.sparse_weight, backend="cuda")
     y.float().square().sum().backward()
     xd = x.detach().double().requires_grad_()
     wd = lin.dense_weight().detach().double()
@@ -155,12 +160,68 @@ def test_auto_choice_and_public_op():
     assert_close(x.grad, xd.grad, torch.float16, tol=5e-3)
 
 
+def _grad_refs(x, W, dy):
+    wd = W.to_dense().double()
+    dw = sc.BlockSparseWeight.from_dense(dy.double().T @ x.double(), W.block_mask()).values
+    return dy.double() @ wd, dw
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
+@pytest.mark.parametrize("M", [1, 59, 300])
+def test_backward_kernels(M, block, dtype):
+    bn, bk = block
+    N, K = 3 * bn + bn // 2 + 1, 4 * bk + 13
+    x, W, _ = _case(M, N, K, block, 0.6, dtype)
+    W = sc.BlockSparseWeight.from_dense(W.to_dense(), W.block_mask().mask.index_fill(1, torch.tensor([1], device="cuda"),
+                                                                                     False), block)  # empty column
+    dy = _randn(M, N, dtype=dtype)
+    dx = torch.ops.sparsecore.cuda_bsr_linear_grad_input(dy, W.values, W.col_ptr, W.row_idx, W.t_perm, K)
+    dw = torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, W.block_row, W.col_idx, bn, bk)
+    torch.cuda.synchronize()
+    ref_dx, ref_dw = _grad_refs(x, W, dy)
+    assert_close(dx, ref_dx, dtype)
+    assert_close(dw, ref_dw, dtype)
+
+
+@pytest.mark.parametrize("block", [(64, 64), (128, 32), (16, 16)], ids=str)
+def test_grad_weight_split_over_m(block):
+    """Few kept blocks and many rows: M is cut into ranges summed with fp32 atomics."""
+    x, W, _ = _case(2000, 2 * block[0], 2 * block[1], block, 1.0, torch.bfloat16, empty_rows=0)
+    dy = _randn(2000, W.shape[0], dtype=torch.bfloat16)
+    dw = torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, W.block_row, W.col_idx, *block)
+    assert_close(dw, _grad_refs(x, W, dy)[1], torch.bfloat16)
+
+
+def test_training_step_through_the_public_op():
+    """autograd of sc.ops.bsr_linear_tensors(backend='cuda'): dX, dvalues, dbias vs float64."""
+    x, W, b = _case(77, 320, 256, (64, 32), 0.5, torch.float16, bias=True)
+    x.requires_grad_()
+    values = W.values.clone().requires_grad_()
+    b.requires_grad_()
+    y = sc.ops.bsr_linear_tensors(x, values, W.meta, W.shape[0], b, backend="cuda")
+    dy = _randn(*y.shape, dtype=y.dtype)
+    y.backward(dy)
+    xd, bd = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    wd = W.to_dense().double().requires_grad_()
+    (xd @ wd.T + bd).backward(dy.double())
+    assert_close(x.grad, xd.grad, torch.float16)
+    assert_close(values.grad, sc.BlockSparseWeight.from_dense(wd.grad, W.block_mask()).values, torch.float16)
+    assert_close(b.grad, bd.grad, torch.float16)
+
+
 def test_opcheck():
     x, W, b = _case(9, 128, 192, (32, 64), 0.5, torch.float16, bias=True)
+    checks = ("test_schema", "test_faketensor")
     for kernel in ("sm80", "decode"):
         torch.library.opcheck(torch.ops.sparsecore.cuda_bsr_linear.default,
                               (x, W.values, W.row_ptr, W.col_idx, W.block_row, W.row_order, 128, b, "relu", kernel),
-                              test_utils=("test_schema", "test_faketensor"))
+                              test_utils=checks)
+    dy = _randn(9, 128, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.sparsecore.cuda_bsr_linear_grad_input.default,
+                          (dy, W.values, W.col_ptr, W.row_idx, W.t_perm, 192), test_utils=checks)
+    torch.library.opcheck(torch.ops.sparsecore.cuda_bsr_linear_grad_weight.default,
+                          (dy, x, W.block_row, W.col_idx, 32, 64), test_utils=checks)
 
 
 def test_errors_name_the_argument():

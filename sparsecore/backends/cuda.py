@@ -5,16 +5,21 @@ Loading ``sparsecore._C`` registers (see ``csrc/sparsecore_ops.cpp``)::
     torch.ops.sparsecore.cuda_bsr_linear(x, values, row_ptr, col_idx, block_row, row_order,
                                          out_features, bias=None, activation="none",
                                          kernel="auto") -> y [M, out_features]
+    torch.ops.sparsecore.cuda_bsr_linear_grad_input(dy, values, col_ptr, row_idx, t_perm,
+                                                    in_features) -> dx [M, in_features]
+    torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, block_row, col_idx, block_n,
+                                                     block_k) -> dvalues [nnzb, BN, BK]
     torch.ops.sparsecore.cuda_has_sm90a() -> bool
 
 ``kernel="auto"`` picks ``decode`` (M <= 64, BK >= 32: kept blocks split over all SMs, fp32
 atomics), else ``sm90`` (wgmma, on compute capability 9.0 when built for sm_90a), else
 ``sm80`` (mma.sync, any GPU of compute capability >= 8.0). fp16 / bf16, block sides 16..128.
+The backward kernels (dX over the CSC metadata, dW on the kept blocks) are mma.sync kernels
+for compute capability >= 8.0.
 
 The extension is imported lazily, on first use: a missing or mismatched build warns once and
 the backend reports unavailable (auto falls back to triton / torch); ``import sparsecore``
-never depends on it. The backward has no CUDA kernels yet: ``grad_input`` / ``grad_weight``
-run the triton backend when it supports the call, else the torch reference.
+never depends on it.
 """
 from __future__ import annotations
 
@@ -26,7 +31,6 @@ import torch
 from ..format import BLOCK_SIDES
 
 DTYPES = (torch.float16, torch.bfloat16)
-KERNELS = ("auto", "sm80", "sm90", "decode")
 
 _state: dict = {}  # "error": None when loaded, else the reason (set by the first _load())
 
@@ -67,17 +71,9 @@ def forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bia
                                                 bias, activation, kernel)
 
 
-def _backward_backend(t, values):
-    from . import module
-
-    tri = module("triton")
-    return tri if tri.available()[0] and tri.supports(t, values) else module("torch")
-
-
 def grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
-    return _backward_backend(dy, values).grad_input(dy, values, col_ptr, row_idx, t_perm, in_features)
+    return torch.ops.sparsecore.cuda_bsr_linear_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features)
 
 
 def grad_weight(dy, x, block_row, col_idx, block):
-    values = dy.new_empty(0, *block)
-    return _backward_backend(dy, values).grad_weight(dy, x, block_row, col_idx, block)
+    return torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, block_row, col_idx, block[0], block[1])

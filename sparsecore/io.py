@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import SparseCoreError, check
-from .format import grid_shape, normalize_block
+from .format import META_FIELDS, BlockSparseWeight, grid_shape, normalize_block
 from .nn import SparseLinear
 
 FORMAT = "sparsecore"
@@ -75,6 +75,11 @@ def _layer_meta(m: SparseLinear) -> dict:
 
 
 # -- writing -----------------------------------------------------------------------------
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor shard (FSDP2) gathered into a plain tensor (collective), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
@@ -92,7 +97,7 @@ def _storable(state: dict[str, torch.Tensor], dedupe: bool):
     """
     out, aliases, seen = {}, {}, {}
     for key, t in state.items():
-        t = t.detach()
+        t = _full(t.detach())
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
         if dedupe and t.numel() and ident in seen:
             aliases[key] = seen[ident]
@@ -115,18 +120,26 @@ def _write(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> 
     os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
 
 
+def _writer() -> bool:
+    """In a torch.distributed job only rank 0 writes (every rank must still call: FSDP2 gathers)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def save(model: nn.Module, path) -> dict:
     """Write ``model`` (kept blocks + masks + dense rest) to a safetensors file at ``path``.
 
-    Returns the header metadata written (decoded JSON values).
+    Under ``torch.distributed`` call it on every rank (FSDP2 shards are gathered); rank 0
+    writes. Returns the header metadata (decoded JSON values).
     """
     check(isinstance(model, nn.Module), "model", "an nn.Module", type(model).__name__)
     tensors, aliases = _storable(model.state_dict(), dedupe=True)
     info = {"layers": {fqn: _layer_meta(m) for fqn, m in sparse_layers(model).items()}, "aliases": aliases,
             "sha256": _digest(tensors)}
     config = sparsity_config(model)
-    _write(tensors, path, {"format": FORMAT, "format_version": str(FORMAT_VERSION), FORMAT: json.dumps(info),
-                           "sparsity_config": json.dumps(config)})
+    if _writer():
+        _write(tensors, path, {"format": FORMAT, "format_version": str(FORMAT_VERSION), FORMAT: json.dumps(info),
+                               "sparsity_config": json.dumps(config)})
     return {"format": FORMAT, "format_version": FORMAT_VERSION, FORMAT: info, "sparsity_config": config}
 
 
@@ -134,7 +147,8 @@ def to_dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` as if every ``SparseLinear`` were an ``nn.Linear``.
 
     ``prefix.values`` + ``prefix.mask`` become ``prefix.weight [out, in]`` (zeros where
-    pruned), in the key order ``nn.Linear`` uses; every other entry is unchanged.
+    pruned), in the key order ``nn.Linear`` uses; every other entry is unchanged. FSDP2
+    shards are gathered (collective: call it on every rank).
     """
     check(isinstance(model, nn.Module), "model", "an nn.Module", type(model).__name__)
     sparse = {(fqn + "." if fqn else ""): m for fqn, m in sparse_layers(model).items()}
@@ -142,8 +156,12 @@ def to_dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, t in model.state_dict().items():
         prefix, _, name = key.rpartition(".")
         prefix = prefix + "." if prefix else ""
+        t = _full(t.detach())
         if prefix in sparse and name == "values":
-            out[prefix + "weight"] = sparse[prefix].dense_weight().detach()
+            m = sparse[prefix]
+            meta = {field: getattr(m, field) for field in META_FIELDS}
+            out[prefix + "weight"] = BlockSparseWeight(t, (m.out_features, m.in_features), m.block, meta,
+                                                       validate=False).to_dense()
         elif not (prefix in sparse and name == "mask"):
             out[key] = t
     return out
@@ -156,7 +174,8 @@ def export_dense(model: nn.Module, path) -> None:
     of the original dense architecture, and Hugging Face loaders, accept it.
     """
     tensors, _ = _storable(to_dense_state_dict(model), dedupe=False)
-    _write(tensors, path, {"format": "pt"})
+    if _writer():
+        _write(tensors, path, {"format": "pt"})
 
 
 # -- reading -----------------------------------------------------------------------------

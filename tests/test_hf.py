@@ -179,3 +179,20 @@ def test_minilm_checkpoint_size_and_round_trip(tmp_path, sparsity, record_proper
 
     loaded = schf.from_pretrained(AutoModel, tmp_path)
     assert torch.equal(hidden(loaded, ids), hidden(model, ids))
+
+
+def test_activation_aware_mixed_blocks_round_trip(tmp_path):
+    """kwargs reach sparsecore.sparsify (wanda on dict batches, per-layer blocks); mixed blocks
+    are recorded as structure "block" with the list of blocks, and reload exactly."""
+    model = bert(torch.float32)
+    calib = [{"input_ids": torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(i))}
+             for i in range(2)]
+    schf.sparsify(model, block=(32, 32), sparsity=0.5, method="wanda", calibration=calib,
+                  layer_block=lambda m, fqn: (16, 64) if fqn.endswith("intermediate.dense") else None)
+    cfg = model.config.sparsity_config
+    assert cfg["sparsity_structure"] == "block" and cfg["blocks"] == [[16, 64], [32, 32]]
+    assert model.encoder.layer[1].intermediate.dense.block == (16, 64)
+    schf.save_pretrained(model, tmp_path)
+    loaded = schf.from_pretrained(AutoModel, tmp_path)
+    assert loaded.encoder.layer[1].intermediate.dense.block == (16, 64)
+    assert torch.equal(hidden(loaded), hidden(model))

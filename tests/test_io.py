@@ -322,3 +322,18 @@ def test_non_strict_load_keeps_missing_entries(tmp_path):
     before = target.norm.bias.detach().clone()
     scio.load(target, bad, strict=False)
     assert torch.equal(target.norm.bias, before) and torch.equal(target.up.values, model.up.values)
+
+
+def test_empty_layer_round_trip(tmp_path):
+    """A layer with no kept block (values [0, BN, BK]) saves, loads and outputs its bias."""
+    _, model = sparse_net()
+    model.up.set_mask(torch.zeros_like(model.up.mask))
+    assert model.up.values.shape == (0, 32, 16)
+    path = tmp_path / "m.safetensors"
+    scio.save(model, path)
+    loaded = scio.load(Net(), path)
+    assert loaded.up.values.shape == (0, 32, 16) and not loaded.up.mask.any()
+    x = torch.randn(2, 72)
+    assert torch.equal(loaded.up(x), model.up.bias.detach().expand(2, 200))
+    for out, ref in zip(loaded(IDS), model(IDS)):
+        assert torch.equal(out, ref)

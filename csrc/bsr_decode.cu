@@ -1,10 +1,10 @@
 // Decode forward (M <= 64, BK >= 32): memory-bound, so every kept weight byte is read once
 // from DRAM with 16-byte loads and all SMs get work whatever the row lengths.
 //
-//   grid.x: warps split the global list of kept blocks (BSR order) into equal contiguous
-//   ranges; grid.y: groups of 16 rows of x (rows mb = 16*blockIdx.y ..; the groups re-read
-//   the same weight blocks, from L2). A warp walks its range block by block, for each
-//   32-column slice of a block:
+//   grid.x: warps split the global list of 32-column slices of kept blocks (BSR order, a
+//   block's slices in a row) into equal contiguous ranges; grid.y: groups of 16 rows of x
+//   (rows mb = 16*blockIdx.y ..; the groups re-read the same weight blocks, from L2). A warp
+//   walks its range slice by slice:
 //     lane (g = lane/4, t = lane%4) loads 16 B of x rows mb+g and mb+g+8 at columns 8t..8t+7,
 //     and 16 B of values row n = 8q + g at the same columns, for every n8 group q
 //     (BN/8 independent 16-byte loads in flight per lane), then two mma.sync m16n8k16.
@@ -44,45 +44,43 @@ __device__ __forceinline__ void flush(const BsrParams& p, int r, int mb, int g, 
 }
 
 template <typename T, int BN>
-__global__ void __launch_bounds__(kDecodeThreads) bsr_fwd_decode(const BsrParams p, int blocks_per_warp) {
+__global__ void __launch_bounds__(kDecodeThreads) bsr_fwd_decode(const BsrParams p, int units_per_warp) {
   const int lane = threadIdx.x & 31;
   const int warp = (blockIdx.x * kDecodeThreads + threadIdx.x) >> 5;
-  const int b0 = warp * blocks_per_warp;
-  const int b1 = min(p.nnzb, b0 + blocks_per_warp);
+  const int slice_shift = p.bk_shift - 5;  // log2(32-column slices per block)
+  const int u0 = warp * units_per_warp;
+  const int u1 = min(p.nnzb << slice_shift, u0 + units_per_warp);
   const int g = lane >> 2, t = lane & 3;
   const int mb = blockIdx.y * 16;
-  const int BK = 1 << p.bk_shift;
   const T* x = static_cast<const T*>(p.x);
   const T* x_lo = x + static_cast<int64_t>(mb + g) * p.ldx;  // row mb + g
   const T* x_hi = x_lo + 8 * static_cast<int64_t>(p.ldx);    // row mb + g + 8
   const bool lo_ok = mb + g < p.M, hi_ok = mb + g + 8 < p.M;
 
   float acc[BN / 8][4] = {};
-  int cur = b0 < b1 ? p.block_row[b0] : -1;
-  for (int i = b0; i < b1; ++i) {
+  int cur = u0 < u1 ? p.block_row[u0 >> slice_shift] : -1;
+#pragma unroll 1
+  for (int u = u0; u < u1; ++u) {  // unit u: 32-column slice (u mod slices) of kept block u / slices
+    const int i = u >> slice_shift, ks = (u & ((1 << slice_shift) - 1)) << 5;
     const int r = p.block_row[i];
     if (r != cur) {
       flush<T, BN>(p, cur, mb, g, t, acc);
       cur = r;
     }
-    const int kcol = p.col_idx[i] << p.bk_shift;  // first column of x for this block
-    const T* v = static_cast<const T*>(p.values) + ((static_cast<int64_t>(i) * BN + g) << p.bk_shift) + 8 * t;
-#pragma unroll 1
-    for (int ks = 0; ks < BK; ks += 32) {
-      const int k = kcol + ks + 8 * t;
-      uint4 bq[BN / 8];
+    const T* v = static_cast<const T*>(p.values) + ((static_cast<int64_t>(i) * BN + g) << p.bk_shift) + ks + 8 * t;
+    uint4 bq[BN / 8];
 #pragma unroll
-      for (int q = 0; q < BN / 8; ++q) bq[q] = ldg16(v + ((q * 8) << p.bk_shift) + ks);
-      const uint4 zero = make_uint4(0, 0, 0, 0);
-      const uint4 xl = (lo_ok && k < p.Kx) ? ldg16(x_lo + k) : zero;
-      const uint4 xh = (hi_ok && k < p.Kx) ? ldg16(x_hi + k) : zero;
-      const uint32_t a0[4] = {xl.x, xh.x, xl.y, xh.y};  // phys columns 8t+0..3
-      const uint32_t a1[4] = {xl.z, xh.z, xl.w, xh.w};  // phys columns 8t+4..7
+    for (int q = 0; q < BN / 8; ++q) bq[q] = ldg16(v + ((q * 8) << p.bk_shift));
+    const int k = (p.col_idx[i] << p.bk_shift) + ks + 8 * t;  // column of x
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    const uint4 xl = (lo_ok && k < p.Kx) ? ldg16(x_lo + k) : zero;
+    const uint4 xh = (hi_ok && k < p.Kx) ? ldg16(x_hi + k) : zero;
+    const uint32_t a0[4] = {xl.x, xh.x, xl.y, xh.y};  // phys columns 8t+0..3
+    const uint32_t a1[4] = {xl.z, xh.z, xl.w, xh.w};  // phys columns 8t+4..7
 #pragma unroll
-      for (int q = 0; q < BN / 8; ++q) {
-        mma16816<T>(acc[q], a0, bq[q].x, bq[q].y);
-        mma16816<T>(acc[q], a1, bq[q].z, bq[q].w);
-      }
+    for (int q = 0; q < BN / 8; ++q) {
+      mma16816<T>(acc[q], a0, bq[q].x, bq[q].y);
+      mma16816<T>(acc[q], a1, bq[q].z, bq[q].w);
     }
   }
   if (cur >= 0) flush<T, BN>(p, cur, mb, g, t, acc);
@@ -101,9 +99,10 @@ __global__ void bsr_finalize(const BsrParams p, int ldw) {
 
 template <typename T, int BN>
 cudaError_t launch(const BsrParams& p, int num_sms, cudaStream_t stream) {
+  const int units = p.nnzb << (p.bk_shift - 5);  // 32-column slices of kept blocks
   const int warps_target = num_sms * kDecodeWarpsPerSM;
-  const int per_warp = (p.nnzb + warps_target - 1) / warps_target;  // >= 1 when nnzb > 0
-  const int warps = (p.nnzb + per_warp - 1) / per_warp;
+  const int per_warp = (units + warps_target - 1) / warps_target;  // >= 1 when nnzb > 0
+  const int warps = (units + per_warp - 1) / per_warp;
   const int ctas = (warps * 32 + kDecodeThreads - 1) / kDecodeThreads;
   bsr_fwd_decode<T, BN><<<dim3(ctas, (p.M + 15) / 16), kDecodeThreads, 0, stream>>>(p, per_warp);
   return cudaSuccess;

@@ -45,6 +45,11 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Pin the accumulators in place around async wgmma: no reads or writes of them move across.
+template <int R> __device__ __forceinline__ void fence_operands(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
 
 // D[64 x N] (+)= A[64 x 16] B[N x 16]^T; D fragment of thread (warp w of the warpgroup,
 // g = lane/4, t = lane%4): d[4i + e] is row 16w + g + 8*(e >= 2), column 8i + 2t + (e & 1).
@@ -147,6 +152,7 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT) bsr_fwd_sm90(const BsrParams 
   float d[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
+  fence_operands(d);
 
   for (int j = 0; j < nchunks; ++j) {
     cp_async_wait<C::STAGES - 3>();  // chunk j landed (this thread's copies)
@@ -169,6 +175,7 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT) bsr_fwd_sm90(const BsrParams 
     wgmma_wait<1>();  // wgmma j-1 retired: its stage may be refilled next iteration
   }
   wgmma_wait<0>();
+  fence_operands(d);
   cp_async_wait<0>();
 
   const int g = lane >> 2, t = lane & 3;

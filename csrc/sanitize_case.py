@@ -45,6 +45,7 @@ def main() -> int:
         R, C = -(-N // block[0]), -(-K // block[1])
         mask = torch.rand(R, C, generator=g) < 0.5
         mask[min(1, R - 1)] = False  # an empty block-row
+        mask[0, 0] = True  # never an empty weight (the relative error needs a nonzero reference)
         w = torch.randn(N, K, generator=g).to(dtype)
         W = sc.BlockSparseWeight.from_dense(w, sc.BlockMask(mask, block, (N, K))).to("cuda")
         x = torch.randn(M, K, generator=g).to(dtype=dtype, device="cuda")

@@ -849,7 +849,7 @@ def _detail(prob: Problem, s: Structure) -> str:
 TABLE_COLS = (("op", "op", "{}"), ("provider", "provider", "{}"), ("dtype", "dtype", "{}"), ("M", "M", "{}"),
               ("N", "N", "{}"), ("K", "K", "{}"), ("block", None, "{}"), ("density", "density", "{:.3f}"),
               ("ms p50", "ms_p50", "{:.4g}"), ("p20-p80", None, "{}"), ("TFLOP/s", "tflops", "{:.3g}"),
-              ("speedup", "speedup_vs_dense", "{:.2f}x"), ("% ideal", "pct_of_ideal", "{:.0%}"),
+              ("speedup", "speedup_vs_dense", "{:.3g}x"), ("% ideal", "pct_of_ideal", "{:.0%}"),
               ("vs oracle", "eff_vs_oracle", "{:.0%}"), ("tok/s", "tokens_per_s", "{:.4g}"))
 
 

@@ -62,6 +62,8 @@ def test_end_to_end_writes_design_csv(tmp_path):
             assert (r["N"], r["K"]) == ("896", "256")  # the tiny decoder on the CPU
     table = (out / "table.txt").read_text()
     assert "sparsecore-torch" in table and "speedup" in table
+    only = bench.report(out / "bench.csv", ops=("fwd",), providers=("sparsecore-torch",)).splitlines()
+    assert len(only) == 1 + 2 and all(" fwd " in f" {line} " and "sparsecore-torch" in line for line in only[1:])
 
 
 @pytest.mark.parametrize("fn, op", [("forward", "fwd"), ("forward", "mlp"), ("grad_input", "bwd"),

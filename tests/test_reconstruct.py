@@ -109,3 +109,23 @@ def test_stages_group_layers_fed_the_same_input():
     assert c.stats["v"].tokens == 10 and not ran
     calibrate.collect(model, {n: layers[n] for n in "qkv"}, [torch.randn(2, 5, 16)])
     assert ran
+
+
+def test_refit_to_dense_target_uses_cross_gram():
+    """With cross = A^T A_d the refit fits the dense layer's output on *its* inputs (lstsq check)."""
+    torch.manual_seed(2)
+    w, b = torch.randn(16, 32, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    x_dense = correlated_inputs(300, 32, seed=3).double()
+    x_pruned = x_dense + 0.2 * torch.randn_like(x_dense)  # what earlier pruned layers hand over
+    a_s = torch.cat([x_pruned, torch.ones(300, 1, dtype=torch.float64)], 1)
+    a_d = torch.cat([x_dense, torch.ones(300, 1, dtype=torch.float64)], 1)
+    mask = sc.prune.block_mask(w, 16, 0.5)
+    w_new, b_new = sc.prune.refit(w, b, mask, a_s.T @ a_s, damp=1e-10, cross=a_s.T @ a_d)
+    y = x_dense @ w.T + b
+    for i in range(16):
+        cols = mask.to_dense()[i].nonzero().squeeze(1)
+        sol = torch.linalg.lstsq(torch.cat([a_s[:, cols], a_s[:, -1:]], 1), y[:, i:i + 1]).solution.squeeze(1)
+        torch.testing.assert_close(torch.cat([w_new[i, cols], b_new[i:i + 1]]), sol, rtol=1e-6, atol=1e-7)
+    dense_target = rel_err(x_pruned @ w_new.T + b_new, y)
+    w_l, b_l = sc.prune.refit(w, b, mask, a_s.T @ a_s, damp=1e-10)
+    assert dense_target < rel_err(x_pruned @ w_l.T + b_l, y)

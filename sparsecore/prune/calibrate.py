@@ -6,6 +6,8 @@ For a layer ``y = x @ W^T + b`` whose inputs, flattened to tokens, are ``X [T, K
     gram    [K+1, K+1]   float64   A^T A,  A = [X | 1]      H = X^T X in gram[:K, :K],
                                                            column sums in gram[K, :K],
                                                            T in gram[K, K]  (refit with bias)
+    cross   [K+1, K+1]   float64   A^T A_d  (paired mode)   A_d = [X_d | 1], the same tokens'
+                                                           inputs in a reference (dense) copy
     tokens               int       T
 
 Each batch's product is formed in float32 and added to the float64 totals. Padding: when a
@@ -14,6 +16,7 @@ calibration batch is a dict holding ``attention_mask [B, S]`` and a layer's inpu
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -32,6 +35,7 @@ class LayerStats:
 
     sq_norm: torch.Tensor
     gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
     tokens: int = 0
 
     @property
@@ -39,12 +43,19 @@ class LayerStats:
         """``H = X^T X`` ``[K, K]`` float64 (needs ``gram``)."""
         return self.gram[:-1, :-1]
 
-    def add(self, x2d: torch.Tensor) -> None:
+    def add(self, x2d: torch.Tensor, ref2d: torch.Tensor | None = None) -> None:
         x = x2d.float()
         self.sq_norm += (x * x).sum(0).double()
         if self.gram is not None:
-            a = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+            one = x.new_ones(x.shape[0], 1)
+            a = torch.cat([x, one], 1)
             self.gram += (a.T @ a).double()
+            if ref2d is not None:
+                check(ref2d.shape == x.shape, "reference", f"inputs of shape {tuple(x.shape)} (same tokens)",
+                      f"shape {tuple(ref2d.shape)}")
+                if self.cross is None:
+                    self.cross = torch.zeros_like(self.gram)
+                self.cross += (a.T @ torch.cat([ref2d.float(), one], 1)).double()
         self.tokens += x.shape[0]
 
 
@@ -57,13 +68,18 @@ class Collector:
     """Context manager: hooks ``layers`` ({fqn: nn.Linear}) and fills ``stats`` ({fqn: LayerStats}).
 
     ``stop_early``: end each forward (``StopForward``) as soon as all watched layers have seen
-    the batch — later layers need not run. ``order`` lists fqns in first-call order and
+    the batch — later layers need not run. ``capture``: keep only the current batch's inputs
+    in ``captured`` ({fqn: [T, K]}), no statistics. ``paired``: a capturing Collector over a
+    reference copy, run on each batch first; its inputs fill ``LayerStats.cross``. ``order`` lists fqns in first-call order and
     ``input_key`` identifies each layer's input tensor (layers fed the same tensor share a key).
     """
 
     layers: dict
     gram: bool = False
     stop_early: bool = False
+    capture: bool = False
+    paired: "Collector | None" = None
+    captured: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     order: list = field(default_factory=list)
     input_key: dict = field(default_factory=dict)
@@ -102,7 +118,10 @@ class Collector:
                 x2d = x[m.to(x.device) != 0]
             else:
                 x2d = x.reshape(-1, x.shape[-1])
-            self.stats[fqn].add(x2d.detach())
+            if self.capture:
+                self.captured[fqn] = x2d.detach()
+            else:
+                self.stats[fqn].add(x2d.detach(), None if self.paired is None else self.paired.captured[fqn])
             self._seen.add(fqn)
             if self.stop_early and len(self._seen) == len(self.layers):
                 raise StopForward
@@ -127,18 +146,34 @@ def _to(batch, device):
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def run(model: nn.Module, batches: list, collector: Collector, desc: str = "calibration") -> Collector:
-    """Forward every batch through ``model`` (no grad) while ``collector`` is hooked in."""
+def _forward(model, batch):
+    try:
+        model(**batch) if isinstance(batch, dict) else model(batch)
+    except StopForward:
+        pass
+
+
+def run(model: nn.Module, batches: list, collector: Collector, desc: str = "calibration",
+        reference: nn.Module | None = None) -> Collector:
+    """Forward every batch through ``model`` (no grad) while ``collector`` is hooked in.
+
+    ``reference``: a copy of ``model`` (same fqns) run on each batch first, so that
+    ``LayerStats.cross`` pairs the inputs of ``model``'s layers with the copy's.
+    """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    with collector, torch.no_grad():
+    if reference is not None:
+        collector.paired = Collector({f: reference.get_submodule(f) for f in collector.layers},
+                                     stop_early=collector.stop_early, capture=True)
+    with collector, collector.paired or contextlib.nullcontext(), torch.no_grad():
         for batch in tqdm(batches, desc=desc, leave=False, disable=None):
             batch = _to(batch, device)
-            collector.new_batch(batch.get("attention_mask") if isinstance(batch, dict) else None)
-            try:
-                model(**batch) if isinstance(batch, dict) else model(batch)
-            except StopForward:
-                pass
+            token_mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            if reference is not None:
+                collector.paired.new_batch(token_mask)
+                _forward(reference, batch)
+            collector.new_batch(token_mask)
+            _forward(model, batch)
     missing = [fqn for fqn in collector.layers if collector.stats[fqn].tokens == 0]
     check(not missing, "calibration", "batches that reach every layer being pruned",
           f"no input reached {missing[:3]}{'...' if len(missing) > 3 else ''}")
@@ -146,9 +181,9 @@ def run(model: nn.Module, batches: list, collector: Collector, desc: str = "cali
 
 
 def collect(model: nn.Module, layers: dict, batches: list, gram: bool = False, stop_early: bool = False,
-            desc: str = "calibration") -> Collector:
+            desc: str = "calibration", reference: nn.Module | None = None) -> Collector:
     """One hooked pass over ``batches``; returns the collector (``.stats``, ``.order``, ...)."""
-    c = run(model, batches, Collector(layers, gram=gram, stop_early=stop_early), desc)
+    c = run(model, batches, Collector(layers, gram=gram, stop_early=stop_early), desc, reference)
     log.debug("calibration: %d layers, %d batches, tokens %s", len(layers), len(batches),
               sorted({s.tokens for s in c.stats.values()}))
     return c

@@ -15,10 +15,15 @@
 With ``sequential=True`` (the default when refitting) layers are pruned stage by stage in
 call order — a stage is the layers fed the same input, e.g. q/k/v — and each stage's
 statistics come from a fresh pass through the model with all earlier stages already
-pruned (as SparseGPT does); each pass stops once the stage has run.
+pruned (as SparseGPT does); each pass stops once the stage has run. The refit target is
+then ``refit_target="dense"`` (default): the dense model's own output, from a dense copy
+run alongside (twice the model's memory while planning), so each layer also undoes the
+error of the layers before it; or ``"layer"``: the dense layer applied to the pruned
+model's input (SparseGPT's target).
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -71,7 +76,8 @@ def global_allocation(scores: dict, areas: dict, sparsity: float) -> dict:
 
 
 def plan(model, targets, *, block, sparsity, method="magnitude", calibration=None, reconstruct=False,
-         balanced=False, score="l2", allocation="uniform", layer_block=None, sequential=None, damp=0.01):
+         balanced=False, score="l2", allocation="uniform", layer_block=None, sequential=None, damp=0.01,
+         refit_target="dense"):
     """Return ``{fqn: (BlockMask, weight or None)}`` for ``targets`` = [(fqn, nn.Linear)].
 
     ``calibration`` (iterable of model inputs, replayed several times when sequential) is
@@ -89,6 +95,7 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
           f"one of {ALLOCATIONS} or a dict {{fqn: sparsity}}", repr(allocation))
     check(layer_block is None or isinstance(layer_block, dict) or callable(layer_block), "layer_block",
           "None, a dict {fqn: block} or a callable(module, fqn)", type(layer_block).__name__)
+    check(refit_target in ("dense", "layer"), "refit_target", "'dense' or 'layer'", repr(refit_target))
     needs_data = method == "wanda" or reconstruct
     check(not needs_data or calibration is not None, "calibration",
           f"an iterable of model inputs for method={method!r}, reconstruct={reconstruct}", None)
@@ -125,8 +132,8 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
         w_new, b_new = w * mask.to_dense().to(w.dtype), b
         if reconstruct:
             plain = recon.output_error(w_new, b, w, b, stats.gram)
-            w_new, b_new = recon.refit(w, b, mask, stats.gram, damp)
-            log.info("prune %s: sparsity %.3f, rel. output error %.4f masked -> %.4f refit (%d tokens)",
+            w_new, b_new = recon.refit(w, b, mask, stats.gram, damp, cross=stats.cross)
+            log.info("prune %s: sparsity %.3f, rel. output error on its input %.4f masked -> %.4f refit (%d tokens)",
                      fqn, mask.sparsity, plain, recon.output_error(w_new, b_new, w, b, stats.gram), stats.tokens)
         else:
             log.debug("prune %s: sparsity %.3f", fqn, mask.sparsity)
@@ -143,9 +150,11 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
         else:
             groups = calibrate.stages(first) if first else [[f] for f in layers]
             shared = first is not None and any(first.calls[f] > len(batches) for f in layers)
+            reference = copy.deepcopy(model) if reconstruct and refit_target == "dense" else None
             for i, stage in enumerate(tqdm(groups, desc="prune (sequential)", leave=False, disable=None)):
                 c = calibrate.collect(model, {f: layers[f] for f in stage}, batches, gram=reconstruct,
-                                      stop_early=not shared, desc=f"stage {i + 1}/{len(groups)}") if needs_data else None
+                                      stop_early=not shared, desc=f"stage {i + 1}/{len(groups)}",
+                                      reference=reference) if needs_data else None
                 for fqn in stage:
                     prune_layer(fqn, c.stats[fqn] if c else None)
     except BaseException:

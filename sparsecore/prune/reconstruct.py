@@ -17,6 +17,11 @@ block-row (and by every block-row with the same kept columns)::
 
 ``I'`` is the identity without the bias entry (the bias is not damped). The bias is refit
 along with the weights, which absorbs the mean shift that pruning causes.
+
+With ``cross = A^T A_d`` (``LayerStats.cross``: ``A_d`` the same tokens' inputs in the dense
+model) the target becomes the dense model's own output, ``A_d [W_i, b_i]^T``, and the
+right-hand side ``cross_S: [W_i, b_i]^T``: the layer also corrects the error that earlier
+pruned layers left in its input.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ def _augmented(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([w.double(), b.double()[:, None]], 1)  # [N, K+1]
 
 
-def refit(w: torch.Tensor, bias: torch.Tensor | None, mask: BlockMask, gram: torch.Tensor, damp: float = 0.01):
+def refit(w: torch.Tensor, bias: torch.Tensor | None, mask: BlockMask, gram: torch.Tensor, damp: float = 0.01,
+          cross: torch.Tensor | None = None):
     """Least-squares refit of the kept blocks (module docstring). Returns ``(w_new, bias_new)``:
     ``w_new [N, K]`` in ``w``'s dtype with zeros outside ``mask``; ``bias_new`` or None."""
     N, K = w.shape
@@ -39,7 +45,10 @@ def refit(w: torch.Tensor, bias: torch.Tensor | None, mask: BlockMask, gram: tor
           f"shape {tuple(gram.shape)}")
     check(isinstance(damp, (int, float)) and damp > 0, "damp", "a positive number", repr(damp))
     check(mask.shape == (N, K), "mask", f"a BlockMask for shape {(N, K)}", f"one for shape {mask.shape}")
+    check(cross is None or cross.shape == gram.shape, "cross", f"None or shape {tuple(gram.shape)}",
+          tuple(getattr(cross, "shape", ())))
     G = gram.double().to(w.device)
+    Cx = G if cross is None else cross.double().to(w.device)
     W = _augmented(w, bias).to(G.device)                       # [N, K+1]
     lam = damp * float(G.diagonal()[:K].mean().clamp_min(1e-12))
     bn, bk = mask.block
@@ -57,7 +66,7 @@ def refit(w: torch.Tensor, bias: torch.Tensor | None, mask: BlockMask, gram: tor
         rows = torch.cat([torch.arange(r * bn, min(N, (r + 1) * bn), device=G.device) for r in rows_of])
         Gs = G[cols][:, cols].clone()
         Gs.diagonal()[: cols.numel() - (bias is not None)] += lam
-        rhs = G[cols] @ W[rows].T                              # [|S|, rows]
+        rhs = Cx[cols] @ W[rows].T                              # [|S|, rows]
         out[rows[:, None], cols[None, :]] = _solve_spd(Gs, rhs).T
     w_new = out[:, :K].to(w.dtype)
     return w_new, (out[:, K].to(bias.dtype) if bias is not None else None)

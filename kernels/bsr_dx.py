@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, launchable, mma
+from .common import interpreting, launchable, mma, raster
 
 
 @triton.jit
@@ -31,13 +31,8 @@ def bsr_dx_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    per_group = GROUP_M * C
-    first_m = (pid // per_group) * GROUP_M
-    gsize = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % gsize
-    c = tl.load(col_order + (pid % per_group) // gsize)
+    pid_m, j = raster(M, C, BM, GROUP_M)
+    c = tl.load(col_order + j)
 
     start = tl.load(col_ptr + c)
     end = tl.load(col_ptr + c + 1)

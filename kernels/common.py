@@ -36,6 +36,20 @@ def mma(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def raster(M, T, BM: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (M tile, output-tile index j): programs go in groups of ``GROUP_M`` M
+    tiles x all ``T`` output tiles, M fastest inside a group, so a group's input rows stay
+    in L2 while every block-row (fwd) / block-column (dX) streams past them. ``j`` indexes
+    the launch order (``row_order``: heaviest first)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    per_group = GROUP_M * T
+    first_m = (pid // per_group) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % gsize, (pid % per_group) // gsize
+
+
+@triton.jit
 def epilogue(z, bias_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
     """``act(z + bias[offs_n])`` in fp32 on a ``[BM, BN]`` tile; ACT codes in ``ACT_CODES``
     (gelu is the erf form, as ``F.gelu``)."""

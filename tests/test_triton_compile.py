@@ -32,6 +32,8 @@ CASES = [
     ("fwd-fp16-16x16", "fwd", "fp16", (16, 16), 2048, "relu"),
     ("fwd-fp16-64x32", "fwd", "fp16", (64, 32), 128, "none"),
     ("fwd-fp32-64x64", "fwd", "fp32", (64, 64), 2048, "none"),
+    ("fwd-tma-bf16-64x64", "fwd+tma", "bf16", (64, 64), 2048, "gelu"),
+    ("fwd-tma-bf16-128x128", "fwd+tma", "bf16", (128, 128), 2048, "none"),
     ("decode-bf16-64x64", "decode", "bf16", (64, 64), 16, "gelu"),
     ("decode-bf16-16x16", "decode", "bf16", (16, 16), 1, "none"),
     ("dx-bf16-64x64", "dx", "bf16", (64, 64), 2048, None),
@@ -43,6 +45,7 @@ CASES = [
     ("dw-fp32-64x64", "dw", "fp32", (64, 64), 2048, None),
 ]
 ARCHS = (90, 80)
+ARCHS_OF = {"fwd+tma": (90,)}  # TMA is Hopper's; on sm_80 descriptor loads become plain loads
 
 
 # -- the compile probe (runs in the subprocess) -------------------------------------------
@@ -70,8 +73,10 @@ def _capture_launches(kernel, dtype, block, M, act, arch):
     vals = torch.empty(nnzb, bn, bk, dtype=dt, device=meta)
     x, dy = torch.empty(M, K, dtype=dt, device=meta), torch.empty(M, N, dtype=dt, device=meta)
     bias = torch.empty(N, dtype=dt, device=meta)
-    cfg = configs.heuristic(kernel, arch, dt, block, M, N, K)
-    if kernel == "fwd":
+    cfg = configs.heuristic(kernel.split("+")[0], arch, dt, block, M, N, K)
+    if kernel == "fwd+tma":
+        cfg.update(TMA=True, G=1)
+    if kernel.startswith("fwd"):
         bsr_fwd.bsr_fwd(x, vals, i32(R + 1), i32(nnzb), i32(R), N, bias, act, config=cfg, wrap=Capture)
     elif kernel == "decode":
         bsr_decode.bsr_decode(x, vals, i32(R + 1), i32(nnzb), i32(nnzb), N, bias, act, config=cfg,
@@ -84,29 +89,20 @@ def _capture_launches(kernel, dtype, block, M, act, arch):
     return launches, cfg
 
 
-def _ptx_type(v):
-    import torch
-
-    if isinstance(v, torch.Tensor):
-        return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                      torch.int32: "i32"}[v.dtype]
-    assert isinstance(v, int) and not isinstance(v, bool), type(v)
-    return "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
-
-
 def _compile(fn, args, kw, arch):
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
 
     opts = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages", 3)}
     names = fn.arg_names
     positional = dict(zip(names, args))
-    signature = {n: ("constexpr" if n in kw else _ptx_type(positional[n])) for n in names}
+    signature = {n: ("constexpr" if n in kw else mangle_type(positional[n])) for n in names}
     # the JIT's specialization: pointers and ints divisible by 16 get tt.divisibility
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n in positional and (isinstance(positional[n], torch.Tensor) or positional[n] % 16 == 0)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in positional and (
+        isinstance(positional[n], torch.Tensor) or (isinstance(positional[n], int) and positional[n] % 16 == 0))}
     c = triton.compile(ASTSource(fn, signature, kw, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
     return c.asm["ptx"], c.metadata.shared, opts
 
@@ -134,15 +130,15 @@ def _ptxas(ptx):
 def probe():
     out = {}
     for case_id, kernel, dtype, block, M, act in CASES:
-        for arch in ARCHS:
+        for arch in ARCHS_OF.get(kernel, ARCHS):
             launches, cfg = _capture_launches(kernel, dtype, block, M, act, arch)
             fn, args, kw = launches[0]  # the matmul kernel (decode's epilogue pass is second)
             ptx, shared, opts = _compile(fn, args, dict(kw), arch)
             waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
             out[f"{case_id}@sm{arch}"] = dict(
                 kernel=fn.__name__, config=cfg, shared=shared, wgmma="wgmma.mma_async" in ptx,
-                mma_sync="mma.sync" in ptx, cp_async="cp.async" in ptx, max_wgmma_wait=max(waits, default=None),
-                **_ptxas(ptx))
+                mma_sync="mma.sync" in ptx, cp_async="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                max_wgmma_wait=max(waits, default=None), **_ptxas(ptx))
             if kernel == "decode":  # the epilogue pass
                 fn, args, kw = launches[1]
                 ptx, shared, _ = _compile(fn, args, dict(kw), arch)
@@ -160,7 +156,7 @@ def report():
 
 
 def _ids():
-    return [f"{c[0]}@sm{a}" for c in CASES for a in ARCHS]
+    return [f"{c[0]}@sm{a}" for c in CASES for a in ARCHS_OF.get(c[1], ARCHS)]
 
 
 @pytest.mark.parametrize("key", _ids())
@@ -176,14 +172,16 @@ def test_no_spills_and_smem_fits(report, key):
 def test_mma_instructions_and_pipelining(report, key):
     """sm_80: mma.sync everywhere. sm_90: async wgmma (wait_group >= 1, so loads and MMAs
     overlap) for fwd / dX at every block size and dtype (tf32 included: BM >= 64 rows of x),
-    and for dW when BN >= 64 (dW's MMA has BN rows; 16 rows is below wgmma's 64). Decode's
+    and for dW when BN >= 64 (dW's MMA has BN rows; 16 rows is below wgmma's 64); the TMA
+    forward variant loads with cp.async.bulk.tensor, the others with cp.async. Decode's
     tile has BM = 16 rows, so it stays on mma.sync: it is bound by weight bytes anyway.
     Every loop is software-pipelined (cp.async)."""
     rec = report[key]
     case_id, arch = key.split("@sm")
     _, kernel, dtype, block, M, _ = next(c for c in CASES if c[0] == case_id)
     assert rec["cp_async"], rec
-    wants_wgmma = arch == "90" and (kernel in ("fwd", "dx") or (kernel == "dw" and block[0] >= 64))
+    wants_wgmma = arch == "90" and (kernel in ("fwd", "fwd+tma", "dx") or (kernel == "dw" and block[0] >= 64))
+    assert rec["tma"] == (kernel == "fwd+tma"), rec
     if wants_wgmma:
         assert rec["wgmma"] and rec["max_wgmma_wait"] >= 1, rec
     else:

@@ -382,3 +382,20 @@ def test_gpu_triton_op_compiles_and_passes_opcheck():
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     y = torch.compile(lambda *a: op(*a), fullgraph=True)(*args)
     assert_close(y, oracle(x, W.to_dense(), b, "relu"), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] < 9, reason="TMA needs sm_90+")
+@pytest.mark.parametrize("block", [(64, 64), (128, 128)])
+def test_gpu_fwd_tma_variant(block):
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(4)
+    w, mask = random_weight(4096, 4096, block, 0.1, dtype, generator=g)
+    W = sc.BlockSparseWeight.from_dense(w, mask).to("cuda")
+    x, b = rand(g, 2048, 4096, dtype=dtype), rand(g, 4096, dtype=dtype)
+    cfg = dict(configs.heuristic("fwd", 90, dtype, block, 2048, 4096, 4096), G=1, TMA=True)
+    launched = []
+    spy = lambda k: launched.append(k.__name__) or k  # noqa: E731
+    y = bsr_fwd.bsr_fwd(x, W.values, W.row_ptr, W.col_idx, W.row_order, 4096, b, "silu", config=cfg, wrap=spy)
+    assert launched == ["bsr_fwd_tma_kernel"]
+    assert_close(y, oracle(x, W.to_dense(), b, "silu"), dtype)

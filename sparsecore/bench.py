@@ -756,6 +756,8 @@ class Runner:
                  + (f" block={s.block[0]}x{s.block[1]}" if s.block else "")
                  + (f" density={s.density:g}" if s.kind != "dense" else ""))
         try:
+            if s.kind == "block" and prob.density_of(s) == 0:
+                raise Unsupported(f"no block kept at density {s.density:g} with blocks {s.block} (shape too small)")
             fn = build_callable(prov, prob, s)
             out = fn()
         except Unsupported as e:

@@ -10,6 +10,7 @@ run on CUDA tensors, plus the ``gpu``-marked realistic shapes at the end.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import torch
 import sparsecore as sc
 from conftest import REL_TOL, TF32_TOL, assert_close, oracle, random_weight
 
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 _saved = os.environ.get("TRITON_INTERPRET")

@@ -140,3 +140,20 @@ def test_crash_of_our_provider_fails_the_run(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="sparsecore.bench"):
         rc = cli.main(["bench", *TINY, "--ops", "fwd", "--providers", "dense,sparsecore-torch", "--out", str(tmp_path)])
     assert rc == 1 and "ERROR provider sparsecore-torch" in caplog.text and "kernel exploded" in caplog.text
+
+
+@pytest.mark.gpu
+def test_gpu_harness_tiny(tmp_path):
+    """Every available GPU provider on a tiny bf16 config: graphs for small M, events for
+    larger M, copies rotated past L2."""
+    rc = cli.main(["bench", "--device", "cuda", "--shapes", "256x128", "--tokens", "1,130", "--densities", "0.5",
+                   "--blocks", "32", "--decoder", "tiny", "--layers", "1", "--context", "16", "--rep-ms", "5",
+                   "--warmup-ms", "1", "--no-plot", "--out", str(tmp_path)])
+    assert rc == 0
+    _, rows = _read(tmp_path / "bench.csv")
+    assert {r["dtype"] for r in rows} == {"bf16"} and not rows[0]["gpu"].startswith("cpu")
+    provs = {r["provider"] for r in rows}
+    assert {"dense", "oracle", "sparsecore-torch", "sparsecore-triton"} <= provs
+    small = [r for r in rows if r["op"] == "fwd" and r["M"] == "1" and r["provider"] == "dense"]
+    assert small and int(small[0]["copies"]) > 1  # a 64 KiB weight is far below L2: rotated
+    assert {r["timer"] for r in rows if r["M"] == "130"} == {"events"}

@@ -2,13 +2,14 @@
 
 Paths (configs from ``sparsecore.kernels.configs``: tuned table, else heuristics)::
 
-    forward     M <= 64  -> bsr_decode (stream-K over kept blocks + epilogue pass)
+    forward     M <= 64  -> bsr_decode (stream-K over kept blocks + reduce/epilogue pass)
                 M  > 64  -> bsr_fwd    (program per M tile x block-row, fused epilogue)
     grad_input           -> bsr_dx     (program per M tile x block-column, CSC metadata)
     grad_weight          -> bsr_dw     (program per kept block [x M split])
 
-On CUDA tensors the functions call the ``torch.library.triton_op`` ops registered here, so
-Inductor sees the kernels inside them and other libraries can call them directly:
+On CUDA tensors the functions call the ``torch.library.triton_op`` ops registered here
+(on import of this module), so Inductor sees the kernels inside them and other libraries
+can call them directly (after ``import sparsecore.backends.triton``):
 
     torch.ops.sparsecore.triton_bsr_linear(x, values, row_ptr, col_idx, block_row, row_order,
                                            out_features, bias, activation) -> y [M, N]
@@ -20,7 +21,7 @@ Inductor sees the kernels inside them and other libraries can call them directly
 On CPU tensors (only when ``TRITON_INTERPRET=1`` was set before triton's import) the same
 launchers run plainly in the Triton interpreter: ``triton_op`` + fake tensors cannot run
 there. fp32 inputs use tf32 products on the GPU (``tl.dot`` default); fp64 is not supported
-(auto falls back to the torch backend).
+(auto falls back to the torch backend). Results are deterministic (no atomics).
 """
 from __future__ import annotations
 

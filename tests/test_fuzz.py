@@ -274,7 +274,7 @@ def _bad_raw(kind, v):
         "raw-meta-dtype": lambda: fwd(m={**m, "col_idx": m["col_idx"].long()}),
         "raw-meta-length": lambda: fwd(m={**m, "col_idx": m["col_idx"][:-1]}),
         "raw-values-nnzb": lambda: fwd(vals=vals[:-1]),
-        "raw-grad-input-dy": lambda: op.bsr_linear_grad_input(torch.randn(5, 72 + 1 + v % 30), vals, m["col_ptr"],
+        "raw-grad-input-dy": lambda: op.bsr_linear_grad_input(torch.randn(5, 1 + v % 64), vals, m["col_ptr"],
                                                               m["row_idx"], m["t_perm"], 100, "torch"),
         "raw-grad-input-dtype": lambda: op.bsr_linear_grad_input(dy.double(), vals, m["col_ptr"], m["row_idx"],
                                                                  m["t_perm"], 100, "torch"),

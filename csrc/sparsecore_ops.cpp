@@ -52,7 +52,9 @@ void check_index(const Tensor& t, const char* name, int64_t numel) {
 // Checks that hold for real and fake (meta) tensors alike. Returns R (block-rows).
 int64_t check_inputs(const Tensor& x, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                      const Tensor& block_row, const Tensor& row_order, c10::optional<int64_t> out_features,
-                     const c10::optional<Tensor>& bias, c10::string_view activation) {
+                     const c10::optional<Tensor>& bias, c10::string_view activation, c10::string_view kernel) {
+  TORCH_CHECK(kernel == "auto" || kernel == "sm80" || kernel == "sm90" || kernel == "decode",
+              "cuda_bsr_linear: kernel: expected one of auto, sm80, sm90, decode, got '", std::string(kernel), "'");
   TORCH_CHECK(x.dim() == 2, "cuda_bsr_linear: x: expected a 2-D tensor [M, K], got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "cuda_bsr_linear: x: expected dtype float16 or bfloat16, got ", x.scalar_type());
@@ -138,7 +140,8 @@ const DeviceInfo& checked_device(const Tensor& t) {
 Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                        const Tensor& block_row, const Tensor& row_order, int64_t out_features,
                        const c10::optional<Tensor>& bias, c10::string_view activation, c10::string_view kernel) {
-  const int64_t R = check_inputs(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation);
+  const int64_t R =
+      check_inputs(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation, kernel);
   check_same_device(x, {{&values, "values"}, {&row_ptr, "row_ptr"}, {&col_idx, "col_idx"},
                        {&block_row, "block_row"}, {&row_order, "row_order"}});
   if (bias) check_same_device(x, {{&*bias, "bias"}});
@@ -201,9 +204,7 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
                 "sm_90a, got ", info.major, ".", info.minor, bsr_sm90_built() ? "" : " and a build without sm_90a");
     C10_CUDA_CHECK(launch_bsr_sm90(p, dt, static_cast<int>(bn), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    TORCH_CHECK(which == "sm80", "cuda_bsr_linear: kernel: expected one of auto, sm80, sm90, decode, got '",
-                which, "'");
+  } else {  // "sm80"
     C10_CUDA_CHECK(launch_bsr_sm80(p, dt, static_cast<int>(bn), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -214,7 +215,8 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
 Tensor bsr_linear_meta(const Tensor& x, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                        const Tensor& block_row, const Tensor& row_order, c10::SymInt out_features,
                        const c10::optional<Tensor>& bias, c10::string_view activation, c10::string_view kernel) {
-  check_inputs(x, values, row_ptr, col_idx, block_row, row_order, out_features.maybe_as_int(), bias, activation);
+  check_inputs(x, values, row_ptr, col_idx, block_row, row_order, out_features.maybe_as_int(), bias, activation,
+               kernel);
   return at::empty_symint({x.sym_size(0), out_features}, x.options());
 }
 

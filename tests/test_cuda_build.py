@@ -153,6 +153,7 @@ def test_meta_kernel_shape():
     (lambda a: a.__setitem__(6, 129), "out_features: expected a value in \\(96, 128\\]"),
     (lambda a: a.append(torch.empty(7, dtype=torch.float16, device="meta")), "bias: expected shape \\(120,\\)"),
     (lambda a: a.extend([None, "tanh"]), "activation: expected one of"),
+    (lambda a: a.extend([None, "none", "fast"]), "kernel: expected one of auto, sm80, sm90, decode"),
 ])
 def test_meta_kernel_rejects_bad_input(change, match):
     import sparsecore._C  # noqa: F401

@@ -217,6 +217,16 @@ def test_training_step_through_the_public_op():
     assert_close(b.grad, bd.grad, torch.float16)
 
 
+def test_kernel_forced_by_env(monkeypatch):
+    x, W, b = _case(4, 256, 256, (64, 64), 0.5, torch.bfloat16, bias=True)
+    for kernel in _kernels(4, (64, 64)):
+        monkeypatch.setenv("SPARSECORE_CUDA_KERNEL", kernel)
+        assert_close(sc.ops.bsr_linear(x, W, bias=b, backend="cuda"), oracle(x, W.to_dense(), b), torch.bfloat16)
+    monkeypatch.setenv("SPARSECORE_CUDA_KERNEL", "fast")
+    with pytest.raises(RuntimeError, match="kernel: expected one of"):
+        sc.ops.bsr_linear(x, W, backend="cuda")
+
+
 def test_opcheck():
     x, W, b = _case(9, 128, 192, (32, 64), 0.5, torch.float16, bias=True)
     checks = ("test_schema", "test_faketensor")

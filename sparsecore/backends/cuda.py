@@ -14,6 +14,8 @@ Loading ``sparsecore._C`` registers (see ``csrc/sparsecore_ops.cpp``)::
 ``kernel="auto"`` picks ``decode`` (M <= 64, BK >= 32: kept blocks split over all SMs, fp32
 atomics), else ``sm90`` (wgmma, on compute capability 9.0 when built for sm_90a), else
 ``sm80`` (mma.sync, any GPU of compute capability >= 8.0). fp16 / bf16, block sides 16..128.
+``$SPARSECORE_CUDA_KERNEL`` (sm80 | sm90 | decode) forces one for the backend's forward, to
+compare them through the whole stack.
 The backward kernels (dX over the CSC metadata, dW on the kept blocks) are mma.sync kernels
 for compute capability >= 8.0.
 
@@ -24,6 +26,7 @@ never depends on it.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import torch
@@ -66,7 +69,8 @@ def supports(x, values):
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
-def forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation, kernel="auto"):
+def forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation, kernel=None):
+    kernel = kernel or os.environ.get("SPARSECORE_CUDA_KERNEL", "auto")
     return torch.ops.sparsecore.cuda_bsr_linear(x, values, row_ptr, col_idx, block_row, row_order, out_features,
                                                 bias, activation, kernel)
 

@@ -7,7 +7,7 @@
 # Env: OUT, DEVICE_BUDGET_S, BENCH_ARGS (default --quick), MAX_JOBS (16), CUDA_HOME (from nvcc),
 # PYTHON (python3), SPARSECORE_COMMIT (default: git rev-parse, for copies without .git).
 # Files written to $OUT (at most 8): bench.csv, bench.png, table.txt, summary.txt, logs.tar.gz.
-# The whole script stays under DEVICE_BUDGET_S seconds (default 470): every stage runs under
+# The whole script stays under DEVICE_BUDGET_S seconds (default 520): every stage runs under
 # `timeout`, capped by what is left. Exit status: nonzero if any stage failed — a wrong
 # benchmark result, a failed GPU test, a sanitizer error or a failed install.
 set -uo pipefail
@@ -16,7 +16,7 @@ OUT="${OUT:-./out}"
 mkdir -p "$OUT/logs"
 OUT="$(cd "$OUT" && pwd)"
 LOGS="$OUT/logs"
-BUDGET="${DEVICE_BUDGET_S:-470}"
+BUDGET="${DEVICE_BUDGET_S:-520}"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 export MAX_JOBS="${MAX_JOBS:-16}"
@@ -82,20 +82,21 @@ fi
 
 # 2. benchmark first (the deliverable); rows stream to bench.csv, so a timeout keeps them
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-stage bench 240 "$LOGS/bench.log" "$PY" -m sparsecore.cli bench ${BENCH_ARGS:---quick} --out "$OUT"
+stage bench 220 "$LOGS/bench.log" "$PY" -m sparsecore.cli bench ${BENCH_ARGS:---quick} --out "$OUT"
 grep -E "WRONG RESULT|ERROR provider|FAILED|skipped" "$LOGS/bench.log" | head -n 30
 
 # 3. GPU tests
 stage gpu-tests 90 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 
-# 4. compute-sanitizer on a small case (the CUDA helper's case when it exists)
-CASE=csrc/sanitize_case.py
-[ -f "$CASE" ] || CASE=bench/sanitize_case.py
+# 4. compute-sanitizer on small cases: the CUDA kernels' and the Triton kernels'
 if command -v compute-sanitizer >/dev/null; then
-    stage memcheck 45 "$LOGS/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$PY" "$CASE"
-    stage racecheck 45 "$LOGS/racecheck.log" \
-        compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 "$PY" "$CASE"
+    for CASE in csrc/sanitize_case.py bench/sanitize_case.py; do
+        tag=$(basename "$(dirname "$CASE")")
+        stage "memcheck-$tag" 40 "$LOGS/memcheck_$tag.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$PY" "$CASE"
+        stage "racecheck-$tag" 40 "$LOGS/racecheck_$tag.log" \
+            compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 "$PY" "$CASE"
+    done
 else
     SUMMARY+=("$(printf '%-10s %-8s %5ss  (compute-sanitizer not found)' sanitizer SKIPPED 0)")
 fi

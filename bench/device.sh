@@ -7,7 +7,7 @@
 # Env: OUT, DEVICE_BUDGET_S, BENCH_ARGS (default --quick), MAX_JOBS (16), CUDA_HOME (from nvcc),
 # PYTHON (python3), SPARSECORE_COMMIT (default: git rev-parse, for copies without .git).
 # Files written to $OUT (at most 8): bench.csv, bench.png, table.txt, summary.txt, logs.tar.gz.
-# The whole script stays under DEVICE_BUDGET_S seconds (default 520): every stage runs under
+# The whole script stays under DEVICE_BUDGET_S seconds (default 560): every stage runs under
 # `timeout`, capped by what is left. Exit status: nonzero if any stage failed — a wrong
 # benchmark result, a failed GPU test, a sanitizer error or a failed install.
 set -uo pipefail
@@ -16,7 +16,7 @@ OUT="${OUT:-./out}"
 mkdir -p "$OUT/logs"
 OUT="$(cd "$OUT" && pwd)"
 LOGS="$OUT/logs"
-BUDGET="${DEVICE_BUDGET_S:-520}"
+BUDGET="${DEVICE_BUDGET_S:-560}"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 export MAX_JOBS="${MAX_JOBS:-16}"

@@ -8,7 +8,7 @@ that block-row (plus the bias column when the layer has a bias). Its new weights
     (G_SS + lam I') w = G_S: [W_i, b_i]^T              lam = damp * mean(diag(X^T X))
 
 by a Cholesky factorization of ``G_SS + lam I'`` (float64), shared by the BN rows of the
-block-row (and by every block-row with the same kept columns)::
+block-row; block-rows keeping equally many columns are solved as one batch::
 
         W [N, K]                 block-row r keeps column blocks {0, 2}
         +----+----+----+         S_r = cols of blocks 0 and 2 (+ bias column)
@@ -26,9 +26,12 @@ pruned layers left in its input.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import check
 from ..format import BlockMask
+
+_CHUNK_ELEMS = 1 << 25  # float64 elements of the batched Gram blocks solved at once
 
 
 def _augmented(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -52,33 +55,40 @@ def refit(w: torch.Tensor, bias: torch.Tensor | None, mask: BlockMask, gram: tor
     W = _augmented(w, bias).to(G.device)                       # [N, K+1]
     lam = damp * float(G.diagonal()[:K].mean().clamp_min(1e-12))
     bn, bk = mask.block
-    col_mask = mask.mask.to(G.device).repeat_interleave(bk, 1)[:, :K]   # [R, K] element columns kept
-    out = torch.zeros_like(W)
-    groups: dict[bytes, list[int]] = {}
-    for r, key in enumerate(col_mask.cpu().numpy()):
-        groups.setdefault(key.tobytes(), []).append(r)
-    for rows_of in groups.values():
-        cols = col_mask[rows_of[0]].nonzero().squeeze(1)
-        if bias is not None:
-            cols = torch.cat([cols, cols.new_tensor([K])])
-        if cols.numel() == 0:
+    R = mask.mask.shape[0]
+    keep = mask.mask.to(G.device).repeat_interleave(bk, 1)[:, :K]       # [R, K] element columns kept
+    if bias is not None:
+        keep = torch.cat([keep, keep.new_ones(R, 1)], 1)               # the bias column, always kept
+    Wr = F.pad(W, (0, 0, 0, R * bn - N)).reshape(R, bn, K + 1)          # [R, BN, K+1]
+    out = torch.zeros_like(Wr)
+    counts = keep.sum(1)
+    for s in counts.unique().tolist():
+        if s == 0:
             continue
-        rows = torch.cat([torch.arange(r * bn, min(N, (r + 1) * bn), device=G.device) for r in rows_of])
-        Gs = G[cols][:, cols].clone()
-        Gs.diagonal()[: cols.numel() - (bias is not None)] += lam
-        rhs = Cx[cols] @ W[rows].T                              # [|S|, rows]
-        out[rows[:, None], cols[None, :]] = _solve_spd(Gs, rhs).T
+        rs_all = (counts == s).nonzero().squeeze(1)
+        # block-rows with the same number of kept columns are solved as one batch, in chunks
+        step = max(1, _CHUNK_ELEMS // (s * s))
+        for i in range(0, rs_all.numel(), step):
+            rs = rs_all[i:i + step]
+            cols = keep[rs].nonzero()[:, 1].reshape(rs.numel(), s)       # [g, s] ascending, bias last
+            Gs = G[cols[:, :, None], cols[:, None, :]]                   # [g, s, s]
+            Gs.diagonal(dim1=-2, dim2=-1)[:, : s - (bias is not None)] += lam
+            rhs = Cx[cols] @ Wr[rs].transpose(1, 2)                      # [g, s, BN]
+            out[rs[:, None], :, cols] = _solve_spd(Gs, rhs)
+    out = out.reshape(R * bn, K + 1)[:N]
     w_new = out[:, :K].to(w.dtype)
     return w_new, (out[:, K].to(bias.dtype) if bias is not None else None)
 
 
 def _solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cholesky solve; if ``A`` is not positive definite in float64, add damping until it is."""
+    """Batched Cholesky solve of ``A [g, s, s] x = b [g, s, m]``; adds damping until ``A`` is
+    positive definite in float64."""
     extra = 0.0
-    scale = float(A.diagonal().abs().mean().clamp_min(1e-12))
+    scale = float(A.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(1e-12))
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(A + extra * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
-        if int(info) == 0:
+        L, info = torch.linalg.cholesky_ex(A + extra * eye)
+        if not bool(info.any()):
             return torch.cholesky_solve(b, L)
         extra = scale * 1e-6 if extra == 0.0 else extra * 100
     raise torch.linalg.LinAlgError("refit: calibration Gram matrix is not positive definite even with damping")

@@ -95,7 +95,7 @@ def _storable(state: dict[str, torch.Tensor], dedupe: bool):
     With ``dedupe``, tensors that are the same view of the same storage (tied weights) are
     stored once and returned in ``aliases`` (key -> stored key); else each is copied.
     """
-    out, aliases, seen = {}, {}, {}
+    out, aliases, seen, storages = {}, {}, {}, set()
     for key, t in state.items():
         t = _full(t.detach())
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
@@ -104,9 +104,10 @@ def _storable(state: dict[str, torch.Tensor], dedupe: bool):
             continue
         seen.setdefault(ident, key)
         t = t.cpu().contiguous()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or any(
-                t.untyped_storage().data_ptr() == o.untyped_storage().data_ptr() for o in out.values() if o.numel()):
-            t = t.clone()
+        storage = t.untyped_storage()
+        if t.numel() and (storage.nbytes() != t.numel() * t.element_size() or storage.data_ptr() in storages):
+            t = t.clone()  # a slice of a larger storage, or a storage already written
+        storages.add(t.untyped_storage().data_ptr())
         out[key] = t
     return out, aliases
 
@@ -116,8 +117,12 @@ def _write(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> 
 
     path = os.fspath(path)
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _writer() -> bool:

@@ -59,33 +59,37 @@ def problems(draw, dtypes=DTYPES, max_grid=4, max_m=9, sides=SIDES):
     }
 
 
-def materialize(p):
-    """Tensors of a problem: w (dense, layer dtype), bool element mask, BlockSparseWeight, x, bias."""
+def materialize(p, device="cpu"):
+    """Tensors of a problem: w (dense, layer dtype), bool element mask, BlockSparseWeight, x, bias.
+
+    Drawn on the CPU (same numbers everywhere), then moved; ``x`` gets its layout on ``device``.
+    """
     g = torch.Generator().manual_seed(p["seed"])
     dt, (bn, bk), N, K = p["dtype"], p["block"], p["N"], p["K"]
     grid = sc.format.grid_shape((N, K), (bn, bk))
     block_mask = sc.BlockMask(torch.rand(grid, generator=g) < p["density"], (bn, bk), (N, K))
     w = torch.randn(N, K, generator=g).to(dt)
-    W = sc.BlockSparseWeight.from_dense(w, block_mask)
+    W = sc.BlockSparseWeight.from_dense(w, block_mask).to(device)
     shape = (*p["lead"], K)
     M = 1
     for s in p["lead"]:
         M *= s
     layout = p["layout"]
     if layout == "transposed":     # [K, M] storage read as [M, K]: column-major x
-        x = torch.randn(K, M, generator=g).to(dt).t().reshape(shape)
+        x = torch.randn(K, M, generator=g).to(dt).to(device).t().reshape(shape)
     elif layout == "strided":      # every other column of a wider tensor
-        x = torch.randn(*p["lead"], 2 * K, generator=g).to(dt)[..., ::2]
+        x = torch.randn(*p["lead"], 2 * K, generator=g).to(dt).to(device)[..., ::2]
     elif layout == "sliced":       # a column window of a wider tensor
-        x = torch.randn(*p["lead"], K + 5, generator=g).to(dt)[..., 3:K + 3]
+        x = torch.randn(*p["lead"], K + 5, generator=g).to(dt).to(device)[..., 3:K + 3]
     else:
-        x = torch.randn(shape, generator=g).to(dt)
-    bias = torch.randn(N, generator=g).to(dt) if p["bias"] else None
-    return w, block_mask.to_dense(), W, x, bias
+        x = torch.randn(shape, generator=g).to(dt).to(device)
+    bias = torch.randn(N, generator=g).to(dt).to(device) if p["bias"] else None
+    return w.to(device), block_mask.to_dense().to(device), W, x, bias
 
 
 def tol(dtype, backend):
-    return TF32_TOL if (backend == "triton" and dtype == torch.float32) else REL_TOL[dtype]
+    """fp32 kernels of the triton/cuda backends may use tf32 products."""
+    return TF32_TOL if (backend in ("triton", "cuda") and dtype == torch.float32) else REL_TOL[dtype]
 
 
 def close(out, ref, dtype, tol):
@@ -113,8 +117,8 @@ def kept_blocks(full, block_mask, block):
         if block_mask.any() else full.new_zeros(0, bn, bk)
 
 
-def check_ops(p, backend):
-    w, emask, W, x, bias = materialize(p)
+def check_ops(p, backend, device="cpu"):
+    w, emask, W, x, bias = materialize(p, device)
     wm = w.double() * emask
     dt, act = p["dtype"], p["activation"]
     t = tol(dt, backend)
@@ -128,7 +132,7 @@ def check_ops(p, backend):
     close(raw_forward(x2, W, bias, act, backend), ref, dt, t)
     # gradient ops against float64
     g = torch.Generator().manual_seed(p["seed"] + 1)
-    dy = torch.randn(x2.shape[0], p["N"], generator=g).to(dt)
+    dy = torch.randn(x2.shape[0], p["N"], generator=g).to(dt).to(device)
     dx = torch.ops.sparsecore.bsr_linear_grad_input(dy, W.values, W.col_ptr, W.row_idx, W.t_perm, p["K"], backend)
     assert dx.dtype == dt
     close(dx, dy.double() @ wm, dt, t)
@@ -137,20 +141,20 @@ def check_ops(p, backend):
     close(dv, kept_blocks(dy.double().T @ x2.double(), W.block_mask().mask, p["block"]), dt, t)
 
 
-def check_module(p, backend):
+def check_module(p, backend, device="cpu"):
     """SparseLinear forward + backward (x, values, bias) against float64 autograd on the masked weight."""
-    w, emask, W, x, bias = materialize(p)
+    w, emask, W, x, bias = materialize(p, device)
     dt = p["dtype"]
     t = tol(dt, backend)
     lin = sc.SparseLinear(p["K"], p["N"], bias is not None, block=p["block"], mask=W.block_mask(), backend=backend,
-                          dtype=dt)
+                          dtype=dt, device=device)
     with torch.no_grad():
         lin.values.copy_(W.values)
         if bias is not None:
             lin.bias.copy_(bias)
     xg = x.detach().requires_grad_()
     y = lin(xg)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(p["seed"] + 2)).to(dt)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(p["seed"] + 2)).to(dt).to(device)
     y.backward(dy)
     x64 = x.detach().double().requires_grad_()
     w64 = (w.double() * emask).requires_grad_()
@@ -199,6 +203,22 @@ def test_fuzz_ops_triton_interpreter(p):
 @given(TINY)
 def test_fuzz_sparse_linear_triton_interpreter(p):
     check_module(p, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@fuzz(60)
+@given(p=problems(dtypes=(torch.float32, torch.float16, torch.bfloat16)))
+def test_fuzz_gpu_backends(backend, p):
+    """The GPU kernels (forced backend) on CUDA tensors against the float64 oracle."""
+    mod = sc.backends.module(backend)
+    ok, why = mod.available()
+    if not ok:
+        pytest.skip(f"{backend} backend unavailable: {why}")
+    probe = torch.empty(1, p["K"], dtype=p["dtype"], device="cuda")
+    hypothesis.assume(mod.supports(probe, torch.empty(0, *p["block"], dtype=p["dtype"], device="cuda")))
+    check_ops(p, backend, "cuda")
+    check_module(p, backend, "cuda")
 
 
 # -- bad inputs: SparseCoreError, never another exception, a hang or a result -------------------

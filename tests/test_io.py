@@ -352,3 +352,20 @@ def test_views_of_one_storage_are_written_separately(tmp_path):
     target.register_buffer("hi", torch.zeros(6))
     loaded = scio.load(target, path)
     assert torch.equal(torch.cat([loaded.lo, loaded.hi]), big)
+
+
+@pytest.mark.gpu
+def test_cuda_model_round_trip(tmp_path):
+    """A CUDA model saves (tensors come to the host) and loads into CUDA and CPU models."""
+    _, model = sparse_net()
+    model = model.cuda()
+    path = tmp_path / "m.safetensors"
+    scio.save(model, path)
+    on_gpu = scio.load(Net().cuda(), path)
+    on_cpu = scio.load(Net(), path)
+    assert on_gpu.up.values.is_cuda and on_gpu.up.row_ptr.is_cuda and not on_cpu.up.values.is_cuda
+    assert torch.equal(on_cpu.up.values, model.up.values.cpu())
+    ids = IDS.cuda()
+    for a, b, c in zip(on_gpu(ids), model(ids), on_cpu(IDS)):
+        assert torch.equal(a, b)
+        assert_close(c, b.cpu(), torch.float32, 1e-4)

@@ -257,8 +257,8 @@ def _bad_public(kind, v, data):
         "module-block": lambda: sc.SparseLinear(100, 72, block=v if v not in SIDES else 3),
         "module-mask": lambda: sc.SparseLinear(100, 72, block=32, mask=torch.ones(3, 5, dtype=torch.bool)),
         "mask-dtype": lambda: sc.BlockMask(torch.ones(3, 4), 32, (72, 100)),
-        "from-dense-nan": lambda: sc.BlockSparseWeight.from_dense(w.index_fill(1, torch.tensor([v % 100]), float("nan")),
-                                                                  W.block_mask()),
+        "from-dense-nan": lambda: sc.BlockSparseWeight.from_dense(
+            w.index_fill(1, torch.tensor([v % 100]), float("nan")), W.block_mask()),
         "from-dense-shape": lambda: sc.BlockSparseWeight.from_dense(torch.randn(72, other_k), W.block_mask()),
         "prune-sparsity": lambda: sc.prune.block_mask(w, 32, 1.0 + v / 7 if v else -0.5),
         "prune-block": lambda: sc.prune.block_mask(w, v if v not in SIDES else 3, 0.5),

@@ -68,7 +68,7 @@ ext_modules, cmdclass = _cuda_extension()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"sparsecore": ["data/*.txt", "data/*.csv"]},
+    package_data={"sparsecore": ["data/*.txt", "data/*.csv"], "sparsecore.kernels": ["tuned_configs.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -15,14 +15,10 @@ import sparsecore.hf as schf
 import sparsecore.io as scio
 from conftest import rel_err
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only; read when transformers is imported
 transformers = pytest.importorskip("transformers")
 from transformers import (AutoModel, AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig,  # noqa: E402
                           LlamaForCausalLM)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def bert(dtype=torch.float64, seed=0):

@@ -7,11 +7,13 @@
     lin  = sc.SparseLinear.from_dense(nn_linear, block=(64, 64), sparsity=0.9)
     model = sc.sparsify(model, block=(64, 64), sparsity=0.9)
 """
-from . import ops, prune
+from . import hf, io, ops, prune
 from .errors import SparseCoreError
 from .format import BlockMask, BlockSparseWeight
+from .io import load, save
 from .nn import SparseLinear
 from .sparsify import sparsify
 
 __version__ = "0.1.0"
-__all__ = ["BlockMask", "BlockSparseWeight", "SparseLinear", "SparseCoreError", "ops", "prune", "sparsify"]
+__all__ = ["BlockMask", "BlockSparseWeight", "SparseLinear", "SparseCoreError", "hf", "io", "load", "ops", "prune",
+           "save", "sparsify"]

@@ -145,12 +145,17 @@ def check_metadata(values: torch.Tensor, meta: dict, grid: tuple) -> None:
         check(t.dtype == torch.int32 and t.dim() == 1 and t.numel() == length, name,
               f"int32 [{length}]", f"{t.dtype} {tuple(t.shape)}")
         check(t.device == values.device, name, f"device {values.device} (as values)", t.device)
-    rp = meta["row_ptr"].cpu()
-    check(int(rp[0]) == 0 and int(rp[-1]) == nnzb and bool((rp[1:] >= rp[:-1]).all()), "row_ptr",
-          f"non-decreasing from 0 to nnzb={nnzb}", rp.tolist()[:8])
-    ci = meta["col_idx"].cpu()
-    check(nnzb == 0 or (int(ci.min()) >= 0 and int(ci.max()) < C), "col_idx", f"values in [0, {C})",
-          f"range [{int(ci.min())}, {int(ci.max())}]" if nnzb else "empty")
+    br, ci = meta["block_row"].long().cpu(), meta["col_idx"].long().cpu()
+    for name, t, hi in (("block_row", br, R), ("col_idx", ci, C)):
+        check(nnzb == 0 or (int(t.min()) >= 0 and int(t.max()) < hi), name, f"values in [0, {hi})",
+              f"range [{int(t.min())}, {int(t.max())}]" if nnzb else "empty")
+    mask = torch.zeros(R, C, dtype=torch.bool)
+    mask[br, ci] = True
+    check(int(mask.sum()) == nnzb, "block_row/col_idx", f"{nnzb} distinct blocks", int(mask.sum()))
+    # everything else is a function of the kept set: it must equal what build_metadata gives
+    for name, ref in build_metadata(mask).items():
+        check(torch.equal(meta[name].cpu(), ref), name, "the BSR/CSC metadata of the kept blocks (build_metadata)",
+              f"{meta[name].tolist()[:8]}... vs {ref.tolist()[:8]}...")
 
 
 class BlockSparseWeight:

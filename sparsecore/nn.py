@@ -129,8 +129,8 @@ class SparseLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check(x.shape[-1] == self.in_features, "input", f"last dim {self.in_features} (in_features)",
-              f"shape {tuple(x.shape)}")
+        check(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features, "input",
+              f"last dim {self.in_features} (in_features)", f"shape {tuple(getattr(x, 'shape', ()))}")
         meta = {name: getattr(self, name) for name in META_FIELDS}
         return ops.bsr_linear_tensors(x, self.values, meta, self.out_features, self.bias, "none", self.backend)
 

@@ -23,28 +23,82 @@ from torch import Tensor
 
 from . import backends
 from .errors import check
-from .format import BlockSparseWeight
+from .format import BLOCK_SIDES, BlockSparseWeight
 
 
-def _check_forward(x, values, out_features, bias, activation):
+def _check_meta(nnzb: int, block, n: int, k: int, device, **meta) -> None:
+    """Metadata shapes fit ``nnzb`` blocks of ``block`` over ``[n, k]`` (no host sync)."""
+    bn, bk = block
+    R, C = -(-n // bn), -(-k // bk)
+    lengths = {"row_ptr": R + 1, "col_ptr": C + 1, "row_order": R, "col_idx": nnzb, "block_row": nnzb,
+               "row_idx": nnzb, "t_perm": nnzb}
+    for name, t in meta.items():
+        check(t.dtype == torch.int32 and t.dim() == 1 and t.numel() == lengths[name] and t.device == device, name,
+              f"int32 [{lengths[name]}] on {device} (nnzb={nnzb}, blocks {block} over [{n}, {k}])",
+              f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _check_ranges(R: int, C: int, nnzb: int, **meta) -> None:
+    """Index ranges of CPU metadata (free on the host; on a GPU it would sync every call)."""
+    bounds = {"col_idx": C, "block_row": R, "row_idx": R, "t_perm": nnzb}
+    for name, t in meta.items():
+        if t.device.type == "cpu" and t.numel():
+            lo, hi = int(t.min()), int(t.max())
+            check(lo >= 0 and hi < bounds[name], name, f"indices in [0, {bounds[name]})", f"range [{lo}, {hi}]")
+
+
+def _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features,
+                   bias, activation):
     check(x.dim() == 2, "x", "a 2-D tensor [M, K] (the wrapper flattens leading dims)", f"shape {tuple(x.shape)}")
-    check(values.dim() == 3, "values", "[nnzb, BN, BK]", f"shape {tuple(values.shape)}")
+    check(values.dim() == 3 and values.dtype.is_floating_point, "values", "a float tensor [nnzb, BN, BK]",
+          f"{values.dtype} {tuple(values.shape)}")
     check(x.dtype == values.dtype, "x", f"dtype {values.dtype} (the weight's)", x.dtype)
     check(x.device == values.device, "x", f"device {values.device} (the weight's)", x.device)
     check(activation in backends.ACTIVATIONS, "activation", f"one of {backends.ACTIVATIONS}", repr(activation))
+    nnzb, bn, bk = values.shape
+    R, C = row_ptr.numel() - 1, col_ptr.numel() - 1
+    check((R - 1) * bn < out_features <= R * bn, "out_features", f"in ({(R - 1) * bn}, {R * bn}] (R={R} block-rows)",
+          out_features)
+    check((C - 1) * bk < x.shape[1] <= C * bk, "x", f"({(C - 1) * bk}, {C * bk}] columns (C={C} block-columns)",
+          f"{x.shape[1]} columns")
+    _check_meta(nnzb, (bn, bk), out_features, x.shape[1], x.device, row_ptr=row_ptr, col_idx=col_idx,
+                block_row=block_row, col_ptr=col_ptr, row_idx=row_idx, t_perm=t_perm, row_order=row_order)
     if bias is not None:
         check(bias.shape == (out_features,), "bias", f"shape ({out_features},)", f"shape {tuple(bias.shape)}")
         check(bias.dtype == x.dtype and bias.device == x.device, "bias", f"{x.dtype} on {x.device}",
               f"{bias.dtype} on {bias.device}")
 
 
+def _check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
+    check(dy.dim() == 2, "dy", "a 2-D tensor [M, N]", f"shape {tuple(dy.shape)}")
+    check(values.dim() == 3 and values.dtype.is_floating_point, "values", "a float tensor [nnzb, BN, BK]",
+          f"{values.dtype} {tuple(values.shape)}")
+    check(dy.dtype == values.dtype and dy.device == values.device, "dy", f"{values.dtype} on {values.device}",
+          f"{dy.dtype} on {dy.device}")
+    check(in_features > 0, "in_features", "a positive int", in_features)
+    nnzb, bn, bk = values.shape
+    _check_meta(nnzb, (bn, bk), dy.shape[1], in_features, dy.device, col_ptr=col_ptr, row_idx=row_idx, t_perm=t_perm)
+
+
+def _check_grad_weight(dy, x, block_row, col_idx, block_n, block_k):
+    check(dy.dim() == 2 and x.dim() == 2 and dy.shape[0] == x.shape[0], "dy, x", "2-D [M, N] and [M, K] (same M)",
+          f"shapes {tuple(dy.shape)}, {tuple(x.shape)}")
+    check(dy.dtype.is_floating_point and x.dtype == dy.dtype and x.device == dy.device, "x",
+          f"{dy.dtype} on {dy.device} (as dy, floating)", f"{x.dtype} on {x.device}")
+    check(block_n in BLOCK_SIDES and block_k in BLOCK_SIDES, "block_n, block_k", f"sides in {BLOCK_SIDES}",
+          (block_n, block_k))
+    _check_meta(col_idx.numel(), (block_n, block_k), dy.shape[1], x.shape[1], dy.device, block_row=block_row,
+                col_idx=col_idx)
+
+
 @torch.library.custom_op("sparsecore::bsr_linear", mutates_args=())
 def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor,
                 col_ptr: Tensor, row_idx: Tensor, t_perm: Tensor, row_order: Tensor, out_features: int,
                 bias: Optional[Tensor] = None, activation: str = "none", backend: str = "auto") -> Tensor:
-    _check_forward(x, values, out_features, bias, activation)
-    check(x.shape[1] <= (col_ptr.numel() - 1) * values.shape[2], "x", "at most C*BK columns",
-          f"{x.shape[1]} columns")
+    _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features, bias,
+                   activation)
+    _check_ranges(row_ptr.numel() - 1, col_ptr.numel() - 1, values.shape[0], col_idx=col_idx, block_row=block_row,
+                  row_idx=row_idx, t_perm=t_perm)
     if x.shape[0] == 0:
         return x.new_zeros(0, out_features)
     mod = backends.resolve(backend, x, values)
@@ -54,13 +108,17 @@ def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, blo
 @_bsr_linear.register_fake
 def _(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features,
       bias=None, activation="none", backend="auto"):
-    _check_forward(x, values, out_features, bias, activation)
+    _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features, bias,
+                   activation)
     return x.new_empty(x.shape[0], out_features)
 
 
 @torch.library.custom_op("sparsecore::bsr_linear_grad_input", mutates_args=())
 def _grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, t_perm: Tensor,
                 in_features: int, backend: str = "auto") -> Tensor:
+    _check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features)
+    _check_ranges(-(-dy.shape[1] // values.shape[1]), col_ptr.numel() - 1, values.shape[0], row_idx=row_idx,
+                  t_perm=t_perm)
     if dy.shape[0] == 0:
         return dy.new_zeros(0, in_features)
     mod = backends.resolve(backend, dy, values)
@@ -69,12 +127,16 @@ def _grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, t_
 
 @_grad_input.register_fake
 def _(dy, values, col_ptr, row_idx, t_perm, in_features, backend="auto"):
+    _check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features)
     return dy.new_empty(dy.shape[0], in_features)
 
 
 @torch.library.custom_op("sparsecore::bsr_linear_grad_weight", mutates_args=())
 def _grad_weight(dy: Tensor, x: Tensor, block_row: Tensor, col_idx: Tensor, block_n: int, block_k: int,
                  backend: str = "auto") -> Tensor:
+    _check_grad_weight(dy, x, block_row, col_idx, block_n, block_k)
+    _check_ranges(-(-dy.shape[1] // block_n), -(-x.shape[1] // block_k), col_idx.numel(), block_row=block_row,
+                  col_idx=col_idx)
     if dy.shape[0] == 0:
         return dy.new_zeros(col_idx.numel(), block_n, block_k)
     mod = backends.resolve(backend, dy, dy.new_empty(0, block_n, block_k))
@@ -83,6 +145,7 @@ def _grad_weight(dy: Tensor, x: Tensor, block_row: Tensor, col_idx: Tensor, bloc
 
 @_grad_weight.register_fake
 def _(dy, x, block_row, col_idx, block_n, block_k, backend="auto"):
+    _check_grad_weight(dy, x, block_row, col_idx, block_n, block_k)
     return dy.new_empty(col_idx.shape[0], block_n, block_k)
 
 
@@ -135,7 +198,8 @@ def bsr_linear_tensors(x: Tensor, values: Tensor, meta: dict, out_features: int,
         x.reshape(-1, x.shape[-1]), values, meta["row_ptr"], meta["col_idx"], meta["block_row"],
         meta["col_ptr"], meta["row_idx"], meta["t_perm"], meta["row_order"], out_features, bias,
         activation, backend)
-    return y.reshape(*lead, out_features)
+    # not a view of y (as F.linear): FSDP2 warns that in-place ops on view outputs skip its hooks
+    return torch.ops.aten._unsafe_view(y, (*lead, out_features))
 
 
 def bsr_linear(x: Tensor, W: BlockSparseWeight, bias: Optional[Tensor] = None, backend: str = "auto",

@@ -313,18 +313,7 @@ METADATA = ["meta-" + f for f in sc.format.META_FIELDS]
 RAW = ["raw-out-features", "raw-x-narrow", "raw-col_idx-range", "raw-block_row-range", "raw-meta-dtype",
        "raw-meta-length", "raw-values-nnzb", "raw-grad-input-dy", "raw-grad-input-dtype", "raw-grad-weight-rows",
        "raw-grad-weight-block"]
-# Bad inputs that currently escape as IndexError/RuntimeError or return garbage. They are the
-# lead's to fix (ops.py / format.py / nn.py; see the issue report). Strict xfail: once fixed they
-# XPASS, which fails, so the name must then be dropped from this set.
-UNVALIDATED = {"module-0d", *METADATA, *RAW}
-
-
-def _case(kind):
-    mark = pytest.mark.xfail(strict=True, reason="not validated yet (lead fix pending)")
-    return pytest.param(kind, marks=mark) if kind in UNVALIDATED else kind
-
-
-@pytest.mark.parametrize("kind", [_case(k) for k in PUBLIC + METADATA + RAW])
+@pytest.mark.parametrize("kind", PUBLIC + METADATA + RAW)
 @fuzz(6, shrink=False)  # no shrinking: the expected-failure cases would shrink for minutes
 @given(v=st.integers(0, 1000), data=st.data())
 def test_fuzz_bad_inputs_raise_sparsecore_error(kind, v, data):

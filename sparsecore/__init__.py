@@ -7,7 +7,8 @@
     lin  = sc.SparseLinear.from_dense(nn_linear, block=(64, 64), sparsity=0.9)
     model = sc.sparsify(model, block=(64, 64), sparsity=0.9)
 """
-from . import hf, io, ops, prune
+from . import ops, prune  # prune before io/hf: prune.gradual and nn import each other's modules
+from . import hf, io
 from .errors import SparseCoreError
 from .format import BlockMask, BlockSparseWeight
 from .io import load, save

@@ -93,17 +93,21 @@ def fidelity(emb, ref) -> dict:
 
 
 @torch.no_grad()
-def latency_ms(model, batch, repeats) -> float:
+def latency_ms(dense, sparse, batch, repeats) -> tuple[float, float]:
+    """Median forward time (ms) of ``dense`` and ``sparse`` on ``batch``, timed alternately so
+    that both see the same machine load."""
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
-    model(**batch)
-    times = []
+    times = ([], [])
+    for model in (dense, sparse):
+        model(**batch)  # warm-up
     for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        model(**batch)
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        for model, ts in zip((dense, sparse), times):
+            sync()
+            t = time.perf_counter()
+            model(**batch)
+            sync()
+            ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def footprint(model) -> dict:
@@ -122,7 +126,7 @@ def footprint(model) -> dict:
     return {"params_kept": kept, "params_dense": dense, "bytes_sparse": b_sparse, "bytes_dense": b_dense}
 
 
-def distill(student, teacher_out, data, steps, lr):
+def distill(student, teacher_out, data, steps, lr, seed=0):
     """Fine-tune ``student`` toward the dense model's token states and sentence embeddings,
     masks fixed (eval mode: no dropout); trains the kept blocks, biases and LayerNorms.
 
@@ -153,8 +157,10 @@ def distill(student, teacher_out, data, steps, lr):
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / max(1, steps // 10)) * (1 - t / steps))
     loss = torch.zeros(())
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(steps // len(data) + 1)]).tolist()
     for step in tqdm(range(steps), desc="distill", leave=False, disable=None):
-        b, (h_t, e_t) = data[step % len(data)], teacher_out[step % len(data)]
+        b, (h_t, e_t) = data[order[step]], teacher_out[order[step]]
         h = student(**b).last_hidden_state
         m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
         token_mse = (((h - h_t) ** 2) * m).sum() / (m.sum() * h.shape[-1]) / h_t.var()
@@ -189,6 +195,8 @@ def run(args) -> int:
         return 2
     import sparsecore as sc
 
+    if not log.isEnabledFor(logging.DEBUG):  # one line per swapped layer is noise here
+        logging.getLogger("sparsecore.sparsify").setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(args.out)
@@ -198,11 +206,11 @@ def run(args) -> int:
     held = batches(tok, sentences("heldout.txt", args.heldout), args.batch, device)
     lat_batch = held[len(held) // 2]
     ref = embed(model, held)
-    lat_dense = latency_ms(model, lat_batch, args.repeats)
-    teacher = None
+    teacher = distill_data = None
     if any(m.endswith("distill") for m in args.methods):
+        distill_data = batches(tok, sentences("calibration.txt", args.distill_sentences), args.batch, device)
         with torch.no_grad():
-            teacher = [(o := model(**b).last_hidden_state, pooled(o, b["attention_mask"])) for b in calib]
+            teacher = [(o := model(**b).last_hidden_state, pooled(o, b["attention_mask"])) for b in distill_data]
     log.info("demo: %d calibration / %d held-out sentences, %d calibration tokens, device %s", args.calib,
              args.heldout, sum(int(b["attention_mask"].sum()) for b in calib), device)
 
@@ -222,11 +230,11 @@ def run(args) -> int:
                 if "refit" in method:
                     refit_done = (copy.deepcopy(pruned), time.perf_counter() - t0)
             if method.endswith("distill"):
-                distill(pruned, teacher, calib, args.distill_steps, args.lr)
+                distill(pruned, teacher, distill_data, args.distill_steps, args.lr, args.seed)
             prune_s = time.perf_counter() - t0
+            lat = latency_ms(model, pruned, lat_batch, args.repeats)
             row = {"method": method, "sparsity": s, "block": f"{args.block}x{args.block}", **fidelity(embed(pruned, held), ref),
-                   **footprint(pruned), "latency_dense_ms": lat_dense,
-                   "latency_sparse_ms": latency_ms(pruned, lat_batch, args.repeats), "prune_s": prune_s,
+                   **footprint(pruned), "latency_dense_ms": lat[0], "latency_sparse_ms": lat[1], "prune_s": prune_s,
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
             row["speedup"] = row["latency_dense_ms"] / row["latency_sparse_ms"]
             rows.append(row)
@@ -303,8 +311,10 @@ def add_parser(sub):
     p.add_argument("--calib", type=int, default=512, help="calibration sentences (default 512)")
     p.add_argument("--heldout", type=int, default=512, help="held-out sentences (default 512)")
     p.add_argument("--batch", type=int, default=64, help="sentences per batch (default 64)")
-    p.add_argument("--distill-steps", type=int, default=120, help="fine-tune steps for +distill (default 120)")
-    p.add_argument("--lr", type=float, default=2e-4, help="fine-tune learning rate (default 2e-4)")
+    p.add_argument("--distill-sentences", type=int, default=4096,
+                   help="calibration sentences the fine-tune cycles through (default 4096: all)")
+    p.add_argument("--distill-steps", type=int, default=100, help="fine-tune steps (batches) for +distill (default 100)")
+    p.add_argument("--lr", type=float, default=5e-4, help="fine-tune learning rate (default 5e-4)")
     p.add_argument("--repeats", type=int, default=5, help="latency repeats (median, default 5)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--backend", default="auto", help="SparseLinear backend: auto | torch | triton | cuda")
@@ -317,6 +327,7 @@ def add_parser(sub):
 def _main(args) -> int:
     if args.quick:
         args.calib, args.heldout, args.batch = min(args.calib, 32), min(args.heldout, 32), min(args.batch, 16)
+        args.distill_sentences = min(args.distill_sentences, 32)
         args.distill_steps, args.repeats = min(args.distill_steps, 4), 1
         if args.sparsities == [0.5, 0.7, 0.9]:
             args.sparsities = [0.5]

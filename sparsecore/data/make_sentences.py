@@ -1,4 +1,4 @@
-"""Regenerate the demo's sentence sets: ``python -m sparsecore.data.make_sentences``.
+"""Regenerate the demo's sentence sets (source checkout): ``python -m sparsecore.data.make_sentences``.
 
 Writes two disjoint files next to this script (one sentence per line, UTF-8):
 

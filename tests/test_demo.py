@@ -48,3 +48,20 @@ def test_demo_missing_package_message(monkeypatch, caplog):
 def test_demo_rejects_unknown_method():
     with pytest.raises(SystemExit):
         cli.main(["demo", "--methods", "magnitude,best"])
+
+
+def test_demo_dense_fallback_from_bench_csv(tmp_path):
+    """Layers the benchmark predicts slower sparse stay nn.Linear (here: the 24 square 384x384 ones)."""
+    cols = "gpu,torch,triton,cuda,commit,op,provider,dtype,M,N,K,block_n,block_k,density,ms_p50,ms_p20,ms_p80,tflops,speedup_vs_dense,pct_of_ideal,eff_vs_oracle"
+    shapes = [(384, 384, 0.5), (1536, 384, 2.0), (384, 1536, 2.0)]
+    lines = [cols] + [f"cpu,2.14,3.8,13.0,x,fwd,sparsecore-torch,fp32,512,{n},{k},32,32,0.5,1,1,1,1,{sp},1,1"
+                      for n, k, sp in shapes]
+    (tmp_path / "b.csv").write_text("\n".join(lines) + "\n")
+    rc = cli.main(["demo", "--quick", "--methods", "magnitude", "--out", str(tmp_path), "--device", "cpu",
+                   "--bench-csv", str(tmp_path / "b.csv")])
+    assert rc == 0
+    (row,) = csv.DictReader(open(tmp_path / "demo.csv"))
+    assert int(row["layers_sparse"]) == 12
+    # 24 dense 384x384 layers + 12 half-pruned FFN layers (2 x 384*1536 params each)
+    square, ffn = 24 * 384 * 384, 12 * 384 * 1536
+    assert int(row["params_kept"]) == square + ffn // 2 and int(row["params_dense"]) == square + ffn

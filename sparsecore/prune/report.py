@@ -7,7 +7,8 @@ sparsecore provider nearest in::
 
     d = |ln N/N'| + |ln K/K'| + |ln M/M'| + |ln density/density'| + |ln BN/BN'| + |ln BK/BK'|
 
-among rows with the same ``op`` and ``dtype`` (best sparsecore provider at that point). A
+among rows with the same ``op`` and ``dtype`` ("bf16", "fp16", "fp32"; torch dtypes accepted),
+taking the best sparsecore provider at that point. A
 layer whose predicted speedup is below ``min_speedup`` is better left dense::
 
     rows = layer_report(model, block=(32, 32), sparsity=0.7, csv_path="bench/results/h100.csv")
@@ -47,11 +48,17 @@ def load_bench(csv_path) -> list[dict]:
     return rows
 
 
-def predict_speedup(rows: list[dict], N: int, K: int, M: int, density: float, block, dtype="bfloat16",
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` / "bfloat16" / "bf16" -> "bf16" (the CSV's spelling); fp16, fp32 alike."""
+    name = str(dtype).replace("torch.", "")
+    return {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}.get(name, name)
+
+
+def predict_speedup(rows: list[dict], N: int, K: int, M: int, density: float, block, dtype="bf16",
                     op="fwd") -> tuple[float, dict | None]:
     """``(speedup_vs_dense, nearest row)``; ``(nan, None)`` when no row has this op and dtype."""
     bn, bk = normalize_block(block)
-    cand = [r for r in rows if r.get("op") == op and r.get("dtype") == dtype]
+    cand = [r for r in rows if r.get("op") == op and dtype_name(r.get("dtype")) == dtype_name(dtype)]
     if not cand:
         return math.nan, None
     if density <= 0:
@@ -65,7 +72,7 @@ def predict_speedup(rows: list[dict], N: int, K: int, M: int, density: float, bl
     return row["speedup_vs_dense"], row
 
 
-def layer_report(model: nn.Module, block, sparsity, csv_path, tokens: int = 2048, dtype: str = "bfloat16",
+def layer_report(model: nn.Module, block, sparsity, csv_path, tokens: int = 2048, dtype="bf16",
                  op: str = "fwd", filter_fn=None, min_speedup: float = 1.0) -> list[dict]:
     """One dict per ``nn.Linear`` (or ``SparseLinear``) that ``filter_fn`` accepts:
     ``fqn, N, K, block_n, block_k, density, speedup, sparse`` (``sparse``: predicted

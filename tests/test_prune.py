@@ -188,3 +188,33 @@ def test_speedup_report_and_dense_fallback(tmp_path):
     assert type(model[0]) is nn.Linear and isinstance(model[1], sc.SparseLinear)
     with pytest.raises(sc.SparseCoreError, match="csv_path"):
         sc.prune.report.load_bench(tmp_path / "missing.csv")
+
+
+def test_sensitivity_allocation_budget_and_order():
+    from sparsecore.prune.oneshot import sensitivity_allocation
+
+    grid = [0.2, 0.4, 0.6, 0.8]
+    errors = {"robust": [(g, 0.1 * g ** 2) for g in grid], "fragile": [(g, 2.0 * g ** 2) for g in grid],
+              "mid": [(g, 0.5 * g ** 2) for g in grid]}
+    sizes = {"robust": 300, "fragile": 100, "mid": 200}
+    s = sensitivity_allocation(errors, sizes, 0.6)
+    assert sum(sizes[f] * s[f] for f in s) == pytest.approx(0.6 * 600)
+    assert s["robust"] > s["mid"] > s["fragile"]
+    assert all(0.2 <= v <= 0.8 for v in s.values())
+    with pytest.raises(sc.SparseCoreError, match="allocation"):
+        sensitivity_allocation(errors, sizes, 0.9)  # grid tops out at 0.8
+
+
+def test_sensitivity_allocation_in_plan():
+    model = mlp()
+    xs = calib()
+    sc.sparsify(model, block=16, sparsity=0.5, method="wanda", calibration=xs, reconstruct=True,
+                allocation="sensitivity")
+    layers = sparse_layers(model)
+    kept = sum(m.values.numel() for m in layers.values())
+    total = sum(m.out_features * m.in_features for m in layers.values())
+    # fractional per-layer targets are rounded to whole blocks: within one block per layer
+    assert abs(kept - 0.5 * total) <= len(layers) * 16 * 16
+    assert len({round(m.density, 3) for m in layers.values()}) > 1
+    with pytest.raises(sc.SparseCoreError, match="allocation"):
+        sc.sparsify(mlp(), block=16, sparsity=0.5, allocation="sensitivity")

@@ -8,6 +8,12 @@
                 "global":  one threshold over all layers' block scores, each layer's scores
                            divided by its mean block score (per element of block area);
                            kept area = density * total area, rounded to whole blocks
+                "sensitivity": per-layer sparsity by measured sensitivity (needs
+                           calibration): each layer's relative output error e_l(g) at
+                           g = sparsity + {0, ±0.1, ±0.2, ±0.3} (after the refit when
+                           reconstructing), then greedy on the smallest error per pruned
+                           parameter until sum n_l s_l = sparsity * sum n_l (the last
+                           layer moved takes a fractional step)
                 {fqn: s}:  explicit per-layer sparsity (others get ``sparsity``)
     selection   magnitude.block_mask (top-k blocks, optionally balanced per block-row)
     refit       reconstruct=True: reconstruct.refit on the calibration Gram matrix
@@ -37,7 +43,8 @@ from .magnitude import block_mask, block_scores, check_sparsity
 log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+SENSITIVITY_OFFSETS = (-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3)
 
 
 def _layer_blocks(targets, block, layer_block) -> dict:
@@ -75,6 +82,36 @@ def global_allocation(scores: dict, areas: dict, sparsity: float) -> dict:
     return {fqn: 1.0 - int(counts[i]) / scores[fqn].numel() for i, fqn in enumerate(names)}
 
 
+def sensitivity_allocation(errors: dict, sizes: dict, sparsity: float) -> dict:
+    """Per-layer sparsity from error curves (see the module docstring).
+
+    ``errors``: {fqn: [(g, e_l(g)), ...]} sorted by g; ``sizes``: {fqn: n_l parameters}. Starts
+    every layer at its lowest g and repeatedly advances the layer whose next step costs the
+    least error per pruned parameter; the step that would pass the budget is taken in part.
+    Non-convex curves are made convex first (a step is judged by its best reachable slope).
+    """
+    target = sparsity * sum(sizes.values())
+    cur = {f: 0 for f in errors}
+    s = {f: errors[f][0][0] for f in errors}
+    pruned = sum(sizes[f] * s[f] for f in errors)
+    check(pruned <= target + 1e-9 and sum(sizes[f] * errors[f][-1][0] for f in errors) >= target - 1e-9,
+          "allocation", f"candidate sparsities around {sparsity} that can meet it", "a grid that cannot")
+
+    def best_step(f):  # (error per pruned parameter, index of the grid point reached)
+        g0, e0 = errors[f][cur[f]]
+        return min(((e - e0) / (sizes[f] * (g - g0)), j) for j, (g, e) in enumerate(errors[f]) if j > cur[f])
+
+    while pruned < target - 1e-9:
+        f, (_, j) = min(((f, best_step(f)) for f in errors if cur[f] < len(errors[f]) - 1), key=lambda t: t[1][0])
+        step = sizes[f] * (errors[f][j][0] - s[f])
+        if pruned + step >= target:
+            s[f] += (target - pruned) / sizes[f]
+            break
+        pruned += step
+        cur[f], s[f] = j, errors[f][j][0]
+    return s
+
+
 def plan(model, targets, *, block, sparsity, method="magnitude", calibration=None, reconstruct=False,
          balanced=False, score="l2", allocation="uniform", layer_block=None, sequential=None, damp=0.01,
          refit_target="dense"):
@@ -109,7 +146,8 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
         sparsities.update({fqn: check_sparsity(s) for fqn, s in allocation.items()})
 
     batches = calibrate.as_batches(calibration) if needs_data else None
-    first = calibrate.collect(model, layers, batches, gram=reconstruct and not sequential) if needs_data else None
+    first = calibrate.collect(model, layers, batches, gram=(reconstruct and not sequential) or allocation == "sensitivity") \
+        if needs_data else None
 
     def importance(fqn, stats):
         w = layers[fqn].weight.detach()
@@ -117,6 +155,22 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
             return wanda.importance(w, stats.sq_norm, score)
         return w.abs().float() if score == "l1" else w.float() ** 2
 
+    if allocation == "sensitivity":
+        check(first is not None, "allocation", "'sensitivity' with calibration data (method='wanda' or reconstruct)",
+              "no calibration")
+        errors = {}
+        for f in tqdm(list(layers), desc="sensitivity", leave=False, disable=None):
+            lin, st = layers[f], first.stats[f]
+            w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+            imp = importance(f, st)
+            curve = []
+            for g in sorted({min(0.99, max(0.0, round(sparsity + o, 6))) for o in SENSITIVITY_OFFSETS}):
+                m = block_mask(w, blocks[f], g, score=imp, balanced=balanced)
+                wn, bn_ = recon.refit(w, b, m, st.gram, damp) if reconstruct else (w * m.to_dense().to(w.dtype), b)
+                curve.append((g, recon.output_error(wn, bn_, w, b, st.gram)))
+            errors[f] = curve
+        sparsities = sensitivity_allocation(errors, {f: lin.weight.numel() for f, lin in layers.items()}, sparsity)
+        log.info("sensitivity allocation: %s", ", ".join(f"{f}={v:.2f}" for f, v in sparsities.items()))
     if allocation == "global":
         scores = {f: block_scores(importance(f, first.stats[f] if first else None), blocks[f]) for f in layers}
         sparsities = global_allocation(scores, {f: blocks[f][0] * blocks[f][1] for f in layers}, sparsity)

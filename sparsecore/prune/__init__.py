@@ -14,12 +14,12 @@ refitted weights) for the layers that ``sparsecore.sparsify`` swaps.
 """
 from ..format import BlockMask
 from .magnitude import block_mask, block_scores, check_sparsity, select_blocks
-from .oneshot import ALLOCATIONS, METHODS, global_allocation, plan
+from .oneshot import ALLOCATIONS, METHODS, global_allocation, plan, sensitivity_allocation
 from .reconstruct import output_error, refit
 from .wanda import importance as wanda_importance
 from .gradual import GradualPruner, cubic_sparsity, replace_in_optimizer  # noqa: E402 (imports ..nn)
 from .report import layer_report, predict_speedup, sparse_filter
 
 __all__ = ["BlockMask", "block_mask", "block_scores", "select_blocks", "check_sparsity", "plan", "METHODS",
-           "ALLOCATIONS", "global_allocation", "refit", "output_error", "wanda_importance", "GradualPruner",
+           "ALLOCATIONS", "global_allocation", "sensitivity_allocation", "refit", "output_error", "wanda_importance", "GradualPruner",
            "cubic_sparsity", "replace_in_optimizer", "layer_report", "predict_speedup", "sparse_filter"]

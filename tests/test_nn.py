@@ -147,7 +147,7 @@ def test_sparsify_transformer_like_model(caplog):
     model = TinyModel().eval()
     dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     x = torch.randn(2, 9, 64)
-    with caplog.at_level("INFO", logger="sparsecore"):
+    with caplog.at_level("INFO", logger="sparsecore.sparsify"):
         out = sc.sparsify(model, block=(16, 16), sparsity=0.5, filter_fn=lambda m, fqn: "head" not in fqn)
     assert out is model
     swapped = {n for n, m in model.named_modules() if isinstance(m, sc.SparseLinear)}

@@ -243,7 +243,8 @@ def run(args) -> int:
                 pruned = sc.sparsify(copy.deepcopy(model), block=args.block, sparsity=s,
                                      method="magnitude" if method == "magnitude" else "wanda",
                                      filter_fn=layers, calibration=calib if method != "magnitude" else None,
-                                     reconstruct="refit" in method, backend=args.backend)
+                                     reconstruct="refit" in method, backend=args.backend,
+                                     allocation="uniform" if method == "magnitude" else args.allocation)
                 if "refit" in method:
                     refit_done = (copy.deepcopy(pruned), time.perf_counter() - t0)
             if method.endswith("distill"):
@@ -334,6 +335,8 @@ def add_parser(sub):
     p.add_argument("--distill-steps", type=int, default=200, help="fine-tune steps (batches) for +distill (default 200)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune peak learning rate (default 1e-3)")
     p.add_argument("--repeats", type=int, default=5, help="latency repeats (median, default 5)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "sensitivity"),
+                   help="per-layer sparsity for the wanda methods (sparsecore.prune.plan; default uniform)")
     p.add_argument("--bench-csv", default=None,
                    help="benchmark CSV (bench/results/...): layers predicted slower sparse than dense stay dense")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

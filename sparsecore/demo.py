@@ -343,13 +343,13 @@ def add_parser(sub):
     p.add_argument("--backend", default="auto", help="SparseLinear backend: auto | torch | triton | cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
-    p.add_argument("--quick", action="store_true", help="tiny slice (tests): 32 sentences, one sparsity, 4 steps")
+    p.add_argument("--quick", action="store_true", help="tiny slice (tests): 16-32 sentences, one sparsity, 4 fine-tune steps")
     p.set_defaults(fn=_main)
 
 
 def _main(args) -> int:
     if args.quick:
-        args.calib, args.heldout, args.batch = min(args.calib, 32), min(args.heldout, 32), min(args.batch, 16)
+        args.calib, args.heldout, args.batch = min(args.calib, 16), min(args.heldout, 32), min(args.batch, 16)
         args.distill_sentences = min(args.distill_sentences, 32)
         args.distill_steps, args.repeats = min(args.distill_steps, 4), 1
         if args.sparsities == [0.5, 0.7, 0.9]:

@@ -228,11 +228,12 @@ def run(args) -> int:
     for s in args.sparsities:
         layers = is_encoder_linear
         if args.bench_csv:  # kernel-aware: layers the benchmark predicts to be slower stay dense
-            rep = sc.prune.layer_report(model, args.block, s, args.bench_csv, tokens=int(lat_batch["attention_mask"].numel()),
+            rep = sc.prune.layer_report(model, args.block, s, args.bench_csv,
+                                        tokens=int(lat_batch["attention_mask"].numel()),
                                         dtype=next(model.parameters()).dtype, filter_fn=is_encoder_linear)
             layers = sc.prune.sparse_filter(rep, is_encoder_linear)
-            log.info("demo: %.0f%%: %d of %d layers predicted faster sparse (%s)", 100 * s, sum(r["sparse"] for r in rep),
-                     len(rep), ", ".join(sorted({f"{r['N']}x{r['K']}: {r['speedup']:.2f}x" for r in rep})))
+            log.info("demo: %.0f%%: %d of %d layers predicted faster sparse (%s)", 100 * s,
+                     sum(r["sparse"] for r in rep), len(rep), ", ".join(sorted({f"{r['N']}x{r['K']}: {r['speedup']:.2f}x" for r in rep})))
         refit_done = None  # wanda+refit result, reused by +distill
         for method in args.methods:
             t0 = time.perf_counter()
@@ -251,8 +252,8 @@ def run(args) -> int:
                 distill(pruned, teacher, distill_data, args.distill_steps, args.lr, args.seed)
             prune_s = time.perf_counter() - t0
             lat = latency_ms(model, pruned, lat_batch, args.repeats)
-            row = {"method": method, "sparsity": s, "block": f"{args.block}x{args.block}", **fidelity(embed(pruned, held), ref),
-                   **footprint(pruned), "latency_dense_ms": lat[0], "latency_sparse_ms": lat[1], "prune_s": prune_s,
+            row = {"method": method, "sparsity": s, "block": f"{args.block}x{args.block}",
+                   **fidelity(embed(pruned, held), ref), **footprint(pruned), "latency_dense_ms": lat[0], "latency_sparse_ms": lat[1], "prune_s": prune_s,
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
             row["speedup"] = row["latency_dense_ms"] / row["latency_sparse_ms"]
             row["layers_sparse"] = sum(isinstance(m, sc.SparseLinear) for m in pruned.modules())
@@ -332,7 +333,8 @@ def add_parser(sub):
     p.add_argument("--batch", type=int, default=64, help="sentences per batch (default 64)")
     p.add_argument("--distill-sentences", type=int, default=4096,
                    help="calibration sentences the fine-tune cycles through (default 4096: all)")
-    p.add_argument("--distill-steps", type=int, default=200, help="fine-tune steps (batches) for +distill (default 200)")
+    p.add_argument("--distill-steps", type=int, default=200,
+                   help="fine-tune steps (batches) for +distill (default 200)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune peak learning rate (default 1e-3)")
     p.add_argument("--repeats", type=int, default=5, help="latency repeats (median, default 5)")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "sensitivity"),
@@ -343,7 +345,8 @@ def add_parser(sub):
     p.add_argument("--backend", default="auto", help="SparseLinear backend: auto | torch | triton | cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
-    p.add_argument("--quick", action="store_true", help="tiny slice (tests): 16-32 sentences, one sparsity, 4 fine-tune steps")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny slice (tests): 16-32 sentences, one sparsity, 4 fine-tune steps")
     p.set_defaults(fn=_main)
 
 

@@ -70,8 +70,9 @@ class Collector:
     ``stop_early``: end each forward (``StopForward``) as soon as all watched layers have seen
     the batch — later layers need not run. ``capture``: keep only the current batch's inputs
     in ``captured`` ({fqn: [T, K]}), no statistics. ``paired``: a capturing Collector over a
-    reference copy, run on each batch first; its inputs fill ``LayerStats.cross``. ``order`` lists fqns in first-call order and
-    ``input_key`` identifies each layer's input tensor (layers fed the same tensor share a key).
+    reference copy, run on each batch first; its inputs fill ``LayerStats.cross``. ``order``
+    lists fqns in first-call order and ``input_key`` identifies each layer's input tensor
+    (layers fed the same tensor share a key).
     """
 
     layers: dict
@@ -91,8 +92,8 @@ class Collector:
     def __enter__(self):
         for fqn, lin in self.layers.items():
             K, dev = lin.in_features, lin.weight.device
-            self.stats[fqn] = LayerStats(torch.zeros(K, dtype=torch.float64, device=dev),
-                                         torch.zeros(K + 1, K + 1, dtype=torch.float64, device=dev) if self.gram else None)
+            gram = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=dev) if self.gram else None
+            self.stats[fqn] = LayerStats(torch.zeros(K, dtype=torch.float64, device=dev), gram)
             self._handles.append(lin.register_forward_pre_hook(self._hook(fqn)))
         return self
 
@@ -130,8 +131,8 @@ class Collector:
 
 def as_batches(calibration) -> list:
     """Materialize ``calibration`` (an iterable of model inputs) so it can be replayed."""
-    check(calibration is not None and not isinstance(calibration, (torch.Tensor, dict, str)) and hasattr(calibration, "__iter__"),
-          "calibration", "an iterable of model inputs (tensors or dicts of tensors)", type(calibration).__name__)
+    iterable = hasattr(calibration, "__iter__") and not isinstance(calibration, (torch.Tensor, dict, str))
+    check(iterable, "calibration", "an iterable of model inputs (tensors or dicts of tensors)", type(calibration).__name__)
     batches = list(calibration)
     check(len(batches) > 0, "calibration", "at least one batch", "an empty iterable")
     for b in batches:

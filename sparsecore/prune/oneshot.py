@@ -115,7 +115,8 @@ def sensitivity_allocation(errors: dict, sizes: dict, sparsity: float) -> dict:
 def plan(model, targets, *, block, sparsity, method="magnitude", calibration=None, reconstruct=False,
          balanced=False, score="l2", allocation="uniform", layer_block=None, sequential=None, damp=0.01,
          refit_target="dense"):
-    """Return ``{fqn: (BlockMask, weight or None)}`` for ``targets`` = [(fqn, nn.Linear)].
+    """Return ``{fqn: (BlockMask, None)}`` for ``targets`` = [(fqn, nn.Linear)] (the new weight
+    is left in the target itself, see below).
 
     ``calibration`` (iterable of model inputs, replayed several times when sequential) is
     needed for ``method="wanda"`` and for ``reconstruct=True``. ``layer_block``: {fqn: block}
@@ -146,8 +147,8 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
         sparsities.update({fqn: check_sparsity(s) for fqn, s in allocation.items()})
 
     batches = calibrate.as_batches(calibration) if needs_data else None
-    first = calibrate.collect(model, layers, batches, gram=(reconstruct and not sequential) or allocation == "sensitivity") \
-        if needs_data else None
+    first_gram = (reconstruct and not sequential) or allocation == "sensitivity"
+    first = calibrate.collect(model, layers, batches, gram=first_gram) if needs_data else None
 
     def importance(fqn, stats):
         w = layers[fqn].weight.detach()
@@ -189,11 +190,11 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
             w_new, b_new = recon.refit(w, b, mask, stats.gram, damp, cross=stats.cross)
             if stats.cross is None:  # vs the dense layer on the same input
                 log.debug("prune %s: sparsity %.3f, rel. output error %.4f masked -> %.4f refit (%d tokens)", fqn,
-                         mask.sparsity, recon.output_error(w_masked, b, w, b, stats.gram),
-                         recon.output_error(w_new, b_new, w, b, stats.gram), stats.tokens)
+                          mask.sparsity, recon.output_error(w_masked, b, w, b, stats.gram),
+                          recon.output_error(w_new, b_new, w, b, stats.gram), stats.tokens)
             else:
                 log.debug("prune %s: sparsity %.3f, refit to the dense model's output (%d tokens)", fqn,
-                         mask.sparsity, stats.tokens)
+                          mask.sparsity, stats.tokens)
         else:
             log.debug("prune %s: sparsity %.3f", fqn, mask.sparsity)
         with torch.no_grad():

@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 #include "bsr_kernels.h"
 
@@ -170,6 +171,29 @@ __device__ __forceinline__ void store_pair(const BsrParams& p, int m, int n, flo
     if (n + 1 < p.N) v1 += Elem<T>::to_float(bias[n + 1]);
   }
   store_pair_raw<T>(static_cast<T*>(p.y), p.M, p.N, m, n, activate(v0, p.activation), activate(v1, p.activation));
+}
+
+// ---------------------------------------------------------------------------------------
+// Host-side launch helpers.
+// with_side(s, f): f(std::integral_constant<int, S>{}) for a runtime block side S.
+template <typename F>
+cudaError_t with_side(int side, F&& f) {
+  switch (side) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Launch `kernel(p)` with Cfg::NT threads and Cfg::SMEM bytes of dynamic shared memory.
+template <typename Cfg, typename Kernel, typename Params>
+cudaError_t launch_smem(Kernel kernel, dim3 grid, const Params& p, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, Cfg::NT, Cfg::SMEM, stream>>>(p);
+  return cudaSuccess;
 }
 
 }  // namespace sparsecore

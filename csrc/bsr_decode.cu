@@ -117,13 +117,7 @@ cudaError_t launch_fin(const BsrParams& p, int bn, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_bn(const BsrParams& p, int bn, int num_sms, cudaStream_t stream) {
-  switch (bn) {
-    case 16: return launch<T, 16>(p, num_sms, stream);
-    case 32: return launch<T, 32>(p, num_sms, stream);
-    case 64: return launch<T, 64>(p, num_sms, stream);
-    case 128: return launch<T, 128>(p, num_sms, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_side(bn, [&](auto side) { return launch<T, decltype(side)::value>(p, num_sms, stream); });
 }
 
 }  // namespace

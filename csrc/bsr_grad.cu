@@ -262,57 +262,23 @@ __global__ void bsr_dw_finalize(const BsrDwParams p, int64_t numel) {
 }
 
 // ---- launchers --------------------------------------------------------------------------
-template <typename T, int BK>
-cudaError_t launch_dx(const BsrDxParams& p, cudaStream_t stream) {
-  using C = DxCfg<BK>;
-  auto kernel = bsr_dx_sm80<T, BK>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3(p.C, (p.M + C::BM - 1) / C::BM), C::NT, C::SMEM, stream>>>(p);
-  return cudaSuccess;
-}
-
 template <typename T>
 cudaError_t launch_dx_bk(const BsrDxParams& p, int bk, cudaStream_t stream) {
-  switch (bk) {
-    case 16: return launch_dx<T, 16>(p, stream);
-    case 32: return launch_dx<T, 32>(p, stream);
-    case 64: return launch_dx<T, 64>(p, stream);
-    case 128: return launch_dx<T, 128>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T, int BN, int BK>
-cudaError_t launch_dw(const BsrDwParams& p, cudaStream_t stream) {
-  using C = DwCfg<BN, BK>;
-  auto kernel = bsr_dw_sm80<T, BN, BK>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3(p.nnzb, p.splits), C::NT, C::SMEM, stream>>>(p);
-  return cudaSuccess;
-}
-
-template <typename T, int BN>
-cudaError_t launch_dw_bk(const BsrDwParams& p, int bk, cudaStream_t stream) {
-  switch (bk) {
-    case 16: return launch_dw<T, BN, 16>(p, stream);
-    case 32: return launch_dw<T, BN, 32>(p, stream);
-    case 64: return launch_dw<T, BN, 64>(p, stream);
-    case 128: return launch_dw<T, BN, 128>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_side(bk, [&](auto side) {
+    using C = DxCfg<decltype(side)::value>;
+    return launch_smem<C>(bsr_dx_sm80<T, decltype(side)::value>, dim3(p.C, (p.M + C::BM - 1) / C::BM), p, stream);
+  });
 }
 
 template <typename T>
 cudaError_t launch_dw_bn(const BsrDwParams& p, int bn, int bk, cudaStream_t stream) {
-  switch (bn) {
-    case 16: return launch_dw_bk<T, 16>(p, bk, stream);
-    case 32: return launch_dw_bk<T, 32>(p, bk, stream);
-    case 64: return launch_dw_bk<T, 64>(p, bk, stream);
-    case 128: return launch_dw_bk<T, 128>(p, bk, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_side(bn, [&](auto n) {
+    return with_side(bk, [&](auto k) {
+      using C = DwCfg<decltype(n)::value, decltype(k)::value>;
+      return launch_smem<C>(bsr_dw_sm80<T, decltype(n)::value, decltype(k)::value>, dim3(p.nnzb, p.splits), p,
+                            stream);
+    });
+  });
 }
 
 }  // namespace

@@ -189,26 +189,12 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT) bsr_fwd_sm90(const BsrParams 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-template <typename T, int BN>
-cudaError_t launch(const BsrParams& p, cudaStream_t stream) {
-  using C = Sm90Cfg<BN>;
-  auto kernel = bsr_fwd_sm90<T, BN>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-  if (err != cudaSuccess) return err;
-  dim3 grid(p.R, (p.M + C::BM - 1) / C::BM);
-  kernel<<<grid, C::NT, C::SMEM, stream>>>(p);
-  return cudaSuccess;
-}
-
 template <typename T>
 cudaError_t launch_bn(const BsrParams& p, int bn, cudaStream_t stream) {
-  switch (bn) {
-    case 16: return launch<T, 16>(p, stream);
-    case 32: return launch<T, 32>(p, stream);
-    case 64: return launch<T, 64>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_side(bn, [&](auto side) {
+    using C = Sm90Cfg<decltype(side)::value>;
+    return launch_smem<C>(bsr_fwd_sm90<T, decltype(side)::value>, dim3(p.R, (p.M + C::BM - 1) / C::BM), p, stream);
+  });
 }
 
 }  // namespace

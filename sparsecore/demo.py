@@ -205,8 +205,17 @@ def run(args) -> int:
         return 2
     import sparsecore as sc
 
+    swap_log = logging.getLogger("sparsecore.sparsify")
+    level = swap_log.level
     if not log.isEnabledFor(logging.DEBUG):  # one line per swapped layer is noise here
-        logging.getLogger("sparsecore.sparsify").setLevel(logging.WARNING)
+        swap_log.setLevel(logging.WARNING)
+    try:
+        return _run(args, sc)
+    finally:
+        swap_log.setLevel(level)
+
+
+def _run(args, sc) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(args.out)

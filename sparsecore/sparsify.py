@@ -50,8 +50,13 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: st
     """Prune every selected ``nn.Linear`` of ``model`` to ``block`` masks and swap in ``SparseLinear``.
 
     ``filter_fn(module, fqn) -> bool`` picks layers (default: all). ``method``: "magnitude"
-    or an activation-aware method fed by ``calibration`` (iterable of model inputs: a tensor
-    is passed as ``model(t)``, a dict as ``model(**d)``). Returns ``model`` (changed in place).
+    or "wanda" (activation-aware, fed by ``calibration``: an iterable of model inputs; a
+    tensor is passed as ``model(t)``, a dict as ``model(**d)``). ``reconstruct=True`` refits
+    the kept blocks and the bias of each layer to the dense model's output on the
+    calibration data. Further keywords go to ``sparsecore.prune.plan``: ``score`` ("l1" /
+    "l2"), ``allocation`` ("uniform" | "global" | "sensitivity" | {fqn: sparsity}),
+    ``layer_block`` ({fqn: block} or callable), ``sequential``, ``damp``, ``refit_target``.
+    Returns ``model`` (changed in place).
     """
     check(isinstance(model, nn.Module), "model", "an nn.Module", type(model).__name__)
     block = normalize_block(block)

@@ -64,6 +64,18 @@ def pad_to_blocks(w: torch.Tensor, block) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, pk, 0, pn)) if (pn or pk) else w
 
 
+def blocks_to_dense(values: torch.Tensor, block_row: torch.Tensor, col_idx: torch.Tensor, shape) -> torch.Tensor:
+    """Scatter kept blocks ``values [nnzb, BN, BK]`` into a dense ``[N, K]`` (zeros elsewhere).
+
+    Written in place through a blocked view of the padded result (one pass, differentiable).
+    """
+    _, bn, bk = values.shape
+    R, C = grid_shape(shape, (bn, bk))
+    dense = values.new_zeros(R * bn, C * bk)
+    dense.view(R, bn, C, bk).permute(0, 2, 1, 3)[block_row.long(), col_idx.long()] = values
+    return dense[: shape[0], : shape[1]]
+
+
 @dataclass(frozen=True)
 class BlockMask:
     """Which blocks of a ``[N, K]`` weight are kept.
@@ -241,11 +253,7 @@ class BlockSparseWeight:
 
     def to_dense(self) -> torch.Tensor:
         """Dense ``[N, K]`` with zeros where pruned."""
-        R, C = self.grid
-        bn, bk = self.block
-        dense = self.values.new_zeros(R, C, bn, bk)
-        dense[self.block_row.long(), self.col_idx.long()] = self.values
-        return dense.permute(0, 2, 1, 3).reshape(R * bn, C * bk)[: self.shape[0], : self.shape[1]]
+        return blocks_to_dense(self.values, self.block_row, self.col_idx, self.shape)
 
     def to(self, *args, **kwargs) -> "BlockSparseWeight":
         """Like ``Tensor.to``: dtype applies to ``values`` only; device to everything."""

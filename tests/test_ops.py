@@ -125,3 +125,20 @@ def test_fake_tensor_shapes():
         x = torch.empty(13, 40)
         y = torch.ops.sparsecore.bsr_linear(x, *args[1:])
     assert y.shape == (13, 48)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_dense_path_on_cpu(dtype):
+    """At high density and many rows the CPU path scatters W to dense: same results."""
+    from sparsecore.backends import reference
+
+    g = torch.Generator().manual_seed(11)
+    w, m = random_weight(100, 70, 32, 0.9, dtype, generator=g, empty_rows=1)
+    W = sc.BlockSparseWeight.from_dense(w, m)
+    x = torch.randn(512, 70, generator=g).to(dtype)
+    assert reference._dense_is_faster(x, W.density)
+    b = torch.randn(100, generator=g).to(dtype)
+    assert_close(sc.ops.bsr_linear(x, W, bias=b, backend="torch"), oracle(x, W.to_dense(), b), dtype)
+    dy = torch.randn(512, 100, generator=g).to(dtype)
+    dx = torch.ops.sparsecore.bsr_linear_grad_input(dy, W.values, W.col_ptr, W.row_idx, W.t_perm, 70, "torch")
+    assert_close(dx, dy.double() @ W.to_dense().double(), dtype)

@@ -7,6 +7,8 @@ many blocks they keep; a group of ``n`` rows with ``L`` blocks each is one ``bmm
     y[:, rows] = A @ B                                (exact: no padding, no atomics)
 
 so the loop runs over distinct row lengths (a handful), and each GEMM has K = L*BK.
+On the CPU, at high density and many rows, W is scattered to dense and one F.linear runs
+instead (``_dense_is_faster``): never much slower than dense, whatever the density.
 Work is chunked to keep gathered operands under ``_CHUNK_ELEMS`` elements. Half precision
 is computed in float32 and cast back once, so the reference adds no low-precision
 accumulation error of its own.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..format import blocks_to_dense
 
 _CHUNK_ELEMS = 1 << 24
 
@@ -82,15 +86,25 @@ def _grouped_spmm(a: torch.Tensor, ptr, a_idx, b_blocks, out_blocks: int, out_si
     return out
 
 
+def _dense_is_faster(x, density: float) -> bool:
+    """CPU cost model (2-core x86, fp32): the grouped GEMMs run ~4x slower per kept FLOP
+    than one dense GEMM, and scattering W to dense costs about as much as a GEMM with
+    M ~ 190 rows. So at high density and many rows, materialize W and call F.linear."""
+    return x.device.type == "cpu" and 4.0 * density > 1.0 + 190.0 / max(1, x.shape[0])
+
+
 def forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation):
     M, K = x.shape
     nnzb, bn, bk = values.shape
     R, C = row_ptr.numel() - 1, -(-K // bk)
     cd = _compute_dtype(x.dtype)
     v = values.to(cd)
-    blocks = lambda p: v[p].transpose(2, 3).reshape(p.shape[0], p.shape[1] * bk, bn)  # [n, L*BK, BN]
-    y = _grouped_spmm(_blocked(x, bk, C, cd), row_ptr, col_idx.long(), blocks, R, bn)
-    y = y.reshape(M, R * bn)[:, :out_features]
+    if _dense_is_faster(x, nnzb / max(1, R * C)):
+        y = F.linear(x.to(cd), blocks_to_dense(v, block_row, col_idx, (out_features, K)))
+    else:
+        blocks = lambda p: v[p].transpose(2, 3).reshape(p.shape[0], p.shape[1] * bk, bn)  # [n, L*BK, BN]
+        y = _grouped_spmm(_blocked(x, bk, C, cd), row_ptr, col_idx.long(), blocks, R, bn)
+        y = y.reshape(M, R * bn)[:, :out_features]
     if bias is not None:
         y = y + bias.to(cd)
     return activate(y, activation).to(x.dtype)
@@ -103,9 +117,17 @@ def grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
     C, R = col_ptr.numel() - 1, -(-N // bn)
     cd = _compute_dtype(dy.dtype)
     v, perm = values.to(cd), t_perm.long()
+    if _dense_is_faster(dy, nnzb / max(1, R * C)):
+        return (dy.to(cd) @ blocks_to_dense(v[perm], row_idx, _csc_cols(col_ptr), (N, in_features))).to(dy.dtype)
     blocks = lambda p: v[perm[p]].reshape(p.shape[0], p.shape[1] * bn, bk)  # [n, L*BN, BK]
     dx = _grouped_spmm(_blocked(dy, bn, R, cd), col_ptr, row_idx.long(), blocks, C, bk)
     return dx.reshape(M, C * bk)[:, :in_features].to(dy.dtype)
+
+
+def _csc_cols(col_ptr):
+    """Block-column of each entry in CSC order."""
+    C = col_ptr.numel() - 1
+    return torch.repeat_interleave(torch.arange(C, device=col_ptr.device), (col_ptr[1:] - col_ptr[:-1]).long())
 
 
 def grad_weight(dy, x, block_row, col_idx, block):

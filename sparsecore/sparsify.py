@@ -65,8 +65,7 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: st
     plans = prune.plan(model, targets, block=block, sparsity=sparsity, method=method, calibration=calibration,
                        reconstruct=reconstruct, balanced=balanced, **method_kwargs)
     for fqn, lin in targets:
-        mask, weight = plans[fqn]
-        new = SparseLinear.from_dense(lin, mask=mask, weight=weight, backend=backend)
+        new = SparseLinear.from_dense(lin, mask=plans[fqn], backend=backend)
         new.train(lin.training)
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

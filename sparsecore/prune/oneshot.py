@@ -115,8 +115,8 @@ def sensitivity_allocation(errors: dict, sizes: dict, sparsity: float) -> dict:
 def plan(model, targets, *, block, sparsity, method="magnitude", calibration=None, reconstruct=False,
          balanced=False, score="l2", allocation="uniform", layer_block=None, sequential=None, damp=0.01,
          refit_target="dense"):
-    """Return ``{fqn: (BlockMask, None)}`` for ``targets`` = [(fqn, nn.Linear)] (the new weight
-    is left in the target itself, see below).
+    """Return ``{fqn: BlockMask}`` for ``targets`` = [(fqn, nn.Linear)] (the new weight is
+    left in the target itself, see below).
 
     ``calibration`` (iterable of model inputs, replayed several times when sequential) is
     needed for ``method="wanda"`` and for ``reconstruct=True``. ``layer_block``: {fqn: block}
@@ -201,7 +201,7 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
             lin.weight.copy_(w_new)
             if b is not None:
                 lin.bias.copy_(b_new)
-        out[fqn] = (mask, None)
+        out[fqn] = mask
 
     try:
         if not sequential:

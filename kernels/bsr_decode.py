@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACT_CODES, epilogue, interpreting, launchable, mma
+from .common import ACT_CODES, epilogue, interpreting, launchable, row_segment
 
 
 @triton.jit
@@ -41,26 +41,14 @@ def bsr_decode_partial_kernel(
     hi = tl.minimum(lo + chunk, nnzb)
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
-    kk = tl.arange(0, G * BK)
-    g = kk // BK
-    k = kk % BK
     m_ok = offs_m < M
     x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
-    w_tile = offs_n[None, :] * BK + k[:, None]
 
     i = lo
     while i < hi:                                   # one block-row segment per trip
         r = tl.load(block_row + i)
         stop = tl.minimum(tl.load(row_ptr + r + 1), hi)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for j in range(i, stop, G):
-            blk = j + g
-            ok = blk < stop
-            c = tl.load(col_idx + blk, mask=ok, other=0)
-            kcol = c * BK + k
-            a = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & (ok & (kcol < K))[None, :], other=0.0)
-            b = tl.load(values + blk.to(tl.int64)[:, None] * (BN * BK) + w_tile, mask=ok[:, None], other=0.0)
-            acc = mma(a, b, acc, DOT_F32)
+        acc = row_segment(x_rows, m_ok, values, col_idx, i, stop, K, BM, BN, BK, G, DOT_F32)
         slot = (pid + r).to(tl.int64)
         tl.store(ws + (slot * M + offs_m[:, None]) * BN + offs_n[None, :], acc, mask=m_ok[:, None])
         i = stop

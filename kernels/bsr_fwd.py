@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACT_CODES, epilogue, interpreting, launchable, mma, raster
+from .common import ACT_CODES, epilogue, interpreting, launchable, mma, raster, row_segment
 
 
 @triton.jit
@@ -50,25 +50,11 @@ def bsr_fwd_kernel(
     start = tl.load(row_ptr + r)
     end = tl.load(row_ptr + r + 1)
     offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = tl.arange(0, BN)
-    kk = tl.arange(0, G * BK)
-    g = kk // BK                                   # which of the G blocks this column is in
-    k = kk % BK
     m_ok = offs_m < M
     x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
-    w_tile = offs_n[None, :] * BK + k[:, None]     # [G*BK, BN] offsets inside one block
+    acc = row_segment(x_rows, m_ok, values, col_idx, start, end, K, BM, BN, BK, G, DOT_F32)
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for i in range(start, end, G):
-        blk = i + g
-        ok = blk < end
-        c = tl.load(col_idx + blk, mask=ok, other=0)
-        kcol = c * BK + k
-        a = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & (ok & (kcol < K))[None, :], other=0.0)
-        b = tl.load(values + blk.to(tl.int64)[:, None] * (BN * BK) + w_tile, mask=ok[:, None], other=0.0)
-        acc = mma(a, b, acc, DOT_F32)
-
-    n_glob = r * BN + offs_n
+    n_glob = r * BN + tl.arange(0, BN)
     n_ok = n_glob < N
     z = epilogue(acc, bias, n_glob, n_ok, HAS_BIAS, ACT)
     y_ptrs = y + offs_m[:, None].to(tl.int64) * stride_ym + n_glob[None, :]

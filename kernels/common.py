@@ -36,6 +36,33 @@ def mma(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def row_segment(x_rows, m_ok, values, col_idx, start, end, K, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, G: tl.constexpr, DOT_F32: tl.constexpr):
+    """fp32 ``[BM, BN]`` = x[rows, cols of kept blocks start..end) @ their values^T.
+
+    ``x_rows``: ``[BM, 1]`` row pointers of x; kept blocks ``start..end`` of one block-row are
+    contiguous in ``values``, so ``G`` of them are one K-step (the MMA sees K = G*BK)::
+
+        a [BM, G*BK] = x[rows, col_idx[i+g]*BK + k]      (gathered, masked to K)
+        b [G*BK, BN] = values[i+g, n, k]                 (W^T tile, K-contiguous)
+    """
+    kk = tl.arange(0, G * BK)
+    g = kk // BK                                   # which of the G blocks this column is in
+    k = kk % BK
+    w_tile = tl.arange(0, BN)[None, :] * BK + k[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for i in range(start, end, G):
+        blk = i + g
+        ok = blk < end
+        c = tl.load(col_idx + blk, mask=ok, other=0)
+        kcol = c * BK + k
+        a = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & (ok & (kcol < K))[None, :], other=0.0)
+        b = tl.load(values + blk.to(tl.int64)[:, None] * (BN * BK) + w_tile, mask=ok[:, None], other=0.0)
+        acc = mma(a, b, acc, DOT_F32)
+    return acc
+
+
+@triton.jit
 def raster(M, T, BM: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's (M tile, output-tile index j): programs go in groups of ``GROUP_M`` M
     tiles x all ``T`` output tiles, M fastest inside a group, so a group's input rows stay

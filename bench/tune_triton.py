@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from sparsecore.bench import rel_err
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 M_OF_BUCKET = {1: 1, 16: 16, 64: 64, 256: 256, 1024: 1024, 4096: 4096}
 
@@ -96,11 +98,6 @@ def runner(kernel, W, x, dy, cfg):
             lambda: reference.grad_weight(dy, x, W.block_row, W.col_idx, W.block))
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def tune_one(kernel, dtype, block, M, N, K, density, limit, arch):
     import triton.testing
 
@@ -120,7 +117,7 @@ def tune_one(kernel, dtype, block, M, N, K, density, limit, arch):
     if best is None:
         return None
     fn, ref = runner(kernel, W, x, dy, best[1])
-    err = rel_err(fn(), ref())
+    err = rel_err(fn(), ref().double())
     tol = {torch.float32: 5e-3, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     if not err <= tol:
         raise RuntimeError(f"{kernel} {block} M={M}: best config {best[1]} is wrong (rel err {err:.2e})")

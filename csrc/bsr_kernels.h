@@ -43,8 +43,10 @@ struct BsrParams {
 // sm80+ prefill: cp.async pipeline, ldmatrix, mma.sync m16n8k16. Tile 128 x BN.
 cudaError_t launch_bsr_sm80(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 
-// sm90a prefill: cp.async pipeline, wgmma.mma_async (2 warpgroups x m64). Tile 128 x BN.
-// Only for compute capability 9.0, and only when built for sm_90a (bsr_sm90_built()).
+// sm90a prefill: TMA loads on mbarriers from a producer warp, wgmma.mma_async in 2 consumer
+// warpgroups (m64 each). Tile 128 x BN. Only for compute capability 9.0, and only when built
+// for sm_90a (bsr_sm90_built()). Encodes two tensor maps per call (x and values; returns
+// cudaErrorSymbolNotFound if the driver lacks cuTensorMapEncodeTiled).
 cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 bool bsr_sm90_built();
 

@@ -1,15 +1,30 @@
-// Prefill forward for sm90a: wgmma.mma_async (SASS HGMMA) fed by a cp.async pipeline.
+// Prefill forward for sm90a: TMA loads completing on mbarriers, wgmma.mma_async (SASS HGMMA),
+// producer/consumer warp specialization.
 //
 //   grid  = (R, ceil(M/128))        blockIdx.x -> block-row r = row_order[blockIdx.x]; the
 //         block-rows of one M tile run together, so its x tile is read from DRAM once
-//   CTA   = 2 warpgroups (256 threads); warpgroup w computes rows [64w, 64w+64) x BN
-//   loop  over the K-chunks of r (64 columns each, see bsr_common.cuh); STAGES-deep ring:
-//         loads run STAGES-2 chunks ahead, one wgmma group stays in flight.
+//   CTA   = 2 consumer warpgroups (warps 0-7: warpgroup w computes rows [64w, 64w+64) x BN)
+//         + 1 producer warp (warp 8: one thread issues every TMA load) = 288 threads
+//   loop  over the 64-column K-chunks of r (see bsr_common.cuh), a STAGES-deep ring:
+//         producer: wait empty[s] -> expect_tx(full[s]) -> TMA x and values pieces into s
+//         consumers: wait full[s] -> 4 wgmma k16 steps -> keep one wgmma group in flight ->
+//                    release the previous chunk's stage (arrive on its empty barrier)
 //
-//   shared, per stage (1024-byte aligned):  A [128][64] x rows | B [BN][64] values rows,
-//   both K-major with the 128-byte swizzle; wgmma descriptors: SBO = 1024 (8 rows x 128 B),
-//   LBO unused, k16 step = +32 bytes on the start address.
+//   A chunk is G = 64 / KC pieces, KC = min(BK, 64) columns each (BK = 128: one piece, half
+//   a block; BK = 16: four blocks). Shared memory, per stage (1024-byte aligned pieces):
+//
+//     A: G x [128 rows][KC]  x[m0 .. m0+128, col_idx[blk]*BK + kin ..]  (16 KB in all)
+//     B: G x [BN rows][KC]   values[blk, :, kin ..]                     (a piece >= 1 KB)
+//
+//   every piece K-major with the swizzle of its row width (KC*2 = 128, 64 or 32 bytes),
+//   written by TMA and read by wgmma descriptors of the same swizzle: SBO = 8 rows, LBO
+//   unused, a k16 step inside a piece = +32 bytes on the start address. TMA zero-fills rows
+//   past M and columns past Kx; a piece past the row's last block (BK < 64, last chunk) is
+//   loaded from wholly out-of-range boxes, so it is zeros and every chunk is 4 k16 steps.
 //   wgmma:  D[m, n] += A[m, k] * B[n, k]  (both operands K-major, no transpose)
+#include <cuda.h>  // CUtensorMap (types only: cuTensorMapEncodeTiled comes through the runtime)
+#include <cudaTypedefs.h>
+
 #include "bsr_common.cuh"
 
 namespace sparsecore {
@@ -26,29 +41,70 @@ namespace {
 
 template <int BN> struct Sm90Cfg {
   static constexpr int BM = 128;
-  static constexpr int NT = 256;
-  static constexpr int STAGE_BYTES = (BM + BN) * 128;  // a multiple of 1024
+  static constexpr int CONSUMERS = 256;              // 2 warpgroups
+  static constexpr int NT = CONSUMERS + 32;          // + the producer warp
+  static constexpr int A_BYTES = BM * 128;           // A of a stage: 128 rows x 64 columns
+  static constexpr int B_BYTES = BN * 128 > 4096 ? BN * 128 : 4096;  // >= 4 pieces of 1 KB
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;               // a multiple of 1024
   static constexpr int STAGES = 4;
-  static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;  // + room to align the base
+  static constexpr int SMEM = STAGES * STAGE_BYTES + 1024 + 2 * STAGES * 8;  // + align + barriers
+  static constexpr int MIN_BLOCKS = BN <= 64 ? 2 : 1;                     // 2 CTAs/SM up to 97 KB
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Shared-memory matrix descriptor: start address, LBO = 16 B (unused with swizzle),
-// SBO = 1024 B, 128-byte swizzle (mode 1 in bits 62-63).
-__device__ __forceinline__ uint64_t gmma_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(16 >> 4) << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+// Shared-memory matrix descriptor for a K-major swizzled tile: start address (>> 4), LBO = 16 B
+// (unused with swizzle), SBO = 8 rows x row_bytes, layout (bits 62-63): 1 = 128-byte
+// swizzle, 2 = 64-byte, 3 = 32-byte. The address bits are filled in per k16 step.
+__device__ __forceinline__ uint64_t gmma_desc_base(int row_bytes) {
+  const uint64_t layout = row_bytes == 128 ? 1 : row_bytes == 64 ? 2 : 3;
+  return (static_cast<uint64_t>(16 >> 4) << 16) | (static_cast<uint64_t>((8 * row_bytes) >> 4) << 32) |
+         (layout << 62);
+}
+__device__ __forceinline__ uint64_t gmma_desc(uint64_t base, uint32_t addr) {
+  return base | static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Pin the accumulators in place around async wgmma: no reads or writes of them move across.
 template <int R> __device__ __forceinline__ void fence_operands(float (&d)[R]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// mbarriers (shared::cta, 64-bit) and the TMA 2-D tile load that completes on one.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Wait until the phase of parity `parity` has completed (a fresh barrier: parity 1 is done).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// Box of the tensor map at (c0 = inner column, c1 = row) -> shared dst, tx bytes on bar.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
 // D[64 x N] (+)= A[64 x 16] B[N x 16]^T; D fragment of thread (warp w of the warpgroup,
@@ -129,54 +185,82 @@ __device__ __forceinline__ void wgmma_m64k16<__nv_bfloat16, 128>(float (&d)[64],
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// tmap_x: x [M, Kx] (row stride ldx), box [128 rows][KC]; tmap_v: values as [nnzb*BN, BK],
+// box [BN rows][KC]; both with the KC*2-byte swizzle. Unused (may be zero) when nnzb == 0.
 template <typename T, int BN>
-__global__ void __launch_bounds__(Sm90Cfg<BN>::NT) bsr_fwd_sm90(const BsrParams p) {
+__global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
+    bsr_fwd_sm90(const __grid_constant__ CUtensorMap tmap_x, const __grid_constant__ CUtensorMap tmap_v,
+                 const BsrParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Sm90Cfg<BN>;
   extern __shared__ uint8_t smem[];
   const uint32_t s0 = (smem_addr(smem) + 1023u) & ~1023u;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = warp >> 2;  // warpgroup: rows [64 wg, 64 wg + 64)
+  const uint32_t full0 = s0 + C::STAGES * C::STAGE_BYTES, empty0 = full0 + C::STAGES * 8;
+  const int tid = threadIdx.x, warp = tid >> 5;
   const int r = p.row_order[blockIdx.x];
   const int m0 = blockIdx.y * C::BM;
   const int first = p.row_ptr[r], nb = p.row_ptr[r + 1] - first;
   const int nchunks = num_chunks(nb, p.bk_shift);
+  const int kc_shift = p.bk_shift < 6 ? p.bk_shift : 6;  // piece width KC = 2^kc_shift columns
+  const int row_bytes = 2 << kc_shift;
+  const int a_piece = C::BM * row_bytes, b_piece = BN * row_bytes < 1024 ? 1024 : BN * row_bytes;
+  auto stage = [&](int s) { return s0 + s * C::STAGE_BYTES; };
 
-  auto stage_a = [&](int s) { return s0 + s * C::STAGE_BYTES; };
-#pragma unroll
-  for (int s = 0; s < C::STAGES - 2; ++s) {
-    if (s < nchunks) load_chunk<T, C::BM, BN, C::NT>(p, stage_a(s), stage_a(s) + C::BM * 128, m0, first, nb, s, tid);
-    cp_async_commit();
+  if (tid == 0) {
+    for (int s = 0; s < C::STAGES; ++s) {
+      mbar_init(full0 + 8 * s, 1);                // the producer's arrive.expect_tx
+      mbar_init(empty0 + 8 * s, C::CONSUMERS);    // every consumer thread
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == C::CONSUMERS / 32) {  // ---- producer warp: one thread issues the loads
+    if ((tid & 31) != 0 || nchunks == 0) return;
+    tma_prefetch_map(&tmap_x);
+    tma_prefetch_map(&tmap_v);
+    const int pieces = 64 >> kc_shift;
+    for (int j = 0; j < nchunks; ++j) {
+      const int s = j % C::STAGES;
+      mbar_wait(empty0 + 8 * s, ((j / C::STAGES) & 1) ^ 1);
+      mbar_expect_tx(full0 + 8 * s, (C::BM + BN) * 128);  // G pieces of (BM + BN) x KC x 2 B
+      for (int g = 0; g < pieces; ++g) {
+        const int v = (j << 6) + (g << kc_shift);  // first virtual-K column of the piece
+        const int i = v >> p.bk_shift, kin = v & ((1 << p.bk_shift) - 1);
+        // a piece past the row's last block: boxes wholly out of range, TMA writes zeros
+        const int blk = i < nb ? first + i : p.nnzb;
+        const int col = i < nb ? (__ldg(p.col_idx + blk) << p.bk_shift) + kin : p.Kx;
+        tma_load_2d(stage(s) + g * a_piece, &tmap_x, col, m0, full0 + 8 * s);
+        tma_load_2d(stage(s) + C::A_BYTES + g * b_piece, &tmap_v, kin, blk * BN, full0 + 8 * s);
+      }
+    }
+    return;
   }
 
+  // ---- consumers: warpgroup wg computes rows [64 wg, 64 wg + 64) of the tile
+  const int wg = warp >> 2, lane = tid & 31;
+  const uint64_t desc = gmma_desc_base(row_bytes);
   float d[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
   fence_operands(d);
 
   for (int j = 0; j < nchunks; ++j) {
-    cp_async_wait<C::STAGES - 3>();  // chunk j landed (this thread's copies)
-    fence_proxy_async();             // ... and is visible to the async proxy (wgmma)
-    __syncthreads();                 // everyone's; every warpgroup has retired wgmma j-2
-    const int jn = j + C::STAGES - 2;
-    if (jn < nchunks) {
-      const int sn = jn % C::STAGES;  // == (j - 2) % STAGES: free since wgmma j-2 retired
-      load_chunk<T, C::BM, BN, C::NT>(p, stage_a(sn), stage_a(sn) + C::BM * 128, m0, first, nb, jn, tid);
-    }
-    cp_async_commit();
-
-    const uint32_t sA = stage_a(j % C::STAGES), sB = sA + C::BM * 128;
-    const uint64_t da = gmma_desc(sA + wg * 64 * 128), db = gmma_desc(sB);
+    const int s = j % C::STAGES;
+    mbar_wait(full0 + 8 * s, (j / C::STAGES) & 1);
+    const uint32_t sA = stage(s) + wg * 64 * row_bytes, sB = stage(s) + C::A_BYTES;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)  // +32 bytes per k16 step = +2 in the encoded address
-      wgmma_m64k16<T, BN>(d, da + 2 * kk, db + 2 * kk);
+    for (int kk = 0; kk < 4; ++kk) {  // k16 step kk: piece g, +off bytes inside it
+      const int g = (kk << 4) >> kc_shift, off = ((kk << 4) & ((1 << kc_shift) - 1)) * 2;
+      wgmma_m64k16<T, BN>(d, gmma_desc(desc, sA + g * a_piece + off), gmma_desc(desc, sB + g * b_piece + off));
+    }
     wgmma_commit();
-    wgmma_wait<1>();  // wgmma j-1 retired: its stage may be refilled next iteration
+    wgmma_wait<1>();                                       // wgmma j-1 retired:
+    if (j > 0) mbar_arrive(empty0 + 8 * ((j - 1) % C::STAGES));  // its stage may be refilled
   }
   wgmma_wait<0>();
   fence_operands(d);
-  cp_async_wait<0>();
 
   const int g = lane >> 2, t = lane & 3;
   const int m = m0 + wg * 64 + (warp & 3) * 16 + g;
@@ -189,18 +273,64 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT) bsr_fwd_sm90(const BsrParams 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
+// cuTensorMapEncodeTiled through the runtime (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+    return err == cudaSuccess && q == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f)
+               : nullptr;
+  }();
+  return fn;
+}
+
+// A 2-D tensor map over rows x cols 16-bit elements (row stride ld), box [box_rows][box_cols],
+// swizzled by the box's row width (box_cols * 2 bytes: 32, 64 or 128); out-of-range -> 0.
+cudaError_t encode_map(CUtensorMap* map, DType dt, const void* base, int64_t rows, int64_t cols, int64_t ld,
+                       int box_rows, int box_cols) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorSymbolNotFound;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUtensorMapSwizzle swizzle = box_cols == 64   ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : box_cols == 32 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                      : CU_TENSOR_MAP_SWIZZLE_32B;
+  const CUresult res = encode(map, dt == kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                              2, const_cast<void*>(base), dims, strides, box, elem_strides,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename T>
-cudaError_t launch_bn(const BsrParams& p, int bn, cudaStream_t stream) {
+cudaError_t launch_bn(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {
   return with_side(bn, [&](auto side) {
-    using C = Sm90Cfg<decltype(side)::value>;
-    return launch_smem<C>(bsr_fwd_sm90<T, decltype(side)::value>, dim3(p.R, (p.M + C::BM - 1) / C::BM), p, stream);
+    constexpr int BN = decltype(side)::value;
+    using C = Sm90Cfg<BN>;
+    CUtensorMap tmap_x{}, tmap_v{};
+    if (p.nnzb > 0) {
+      const int bk = 1 << p.bk_shift, kc = bk < 64 ? bk : 64;
+      cudaError_t err = encode_map(&tmap_x, dt, p.x, p.M, p.Kx, p.ldx, C::BM, kc);
+      if (err == cudaSuccess) err = encode_map(&tmap_v, dt, p.values, static_cast<int64_t>(p.nnzb) * BN, bk, bk, BN, kc);
+      if (err != cudaSuccess) return err;
+    }
+    const auto kernel = bsr_fwd_sm90<T, BN>;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    if (err != cudaSuccess) return err;
+    kernel<<<dim3(p.R, (p.M + C::BM - 1) / C::BM), C::NT, C::SMEM, stream>>>(tmap_x, tmap_v, p);
+    return cudaSuccess;
   });
 }
 
 }  // namespace
 
 cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {
-  return dt == kFloat16 ? launch_bn<__half>(p, bn, stream) : launch_bn<__nv_bfloat16>(p, bn, stream);
+  return dt == kFloat16 ? launch_bn<__half>(p, dt, bn, stream) : launch_bn<__nv_bfloat16>(p, dt, bn, stream);
 }
 
 }  // namespace sparsecore

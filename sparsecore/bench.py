@@ -60,7 +60,8 @@ log = logging.getLogger("sparsecore.bench")
 CSV_COLUMNS = ("gpu", "torch", "triton", "cuda", "commit", "op", "provider", "dtype", "M", "N", "K",
                "block_n", "block_k", "density", "ms_p50", "ms_p20", "ms_p80", "tflops",
                "speedup_vs_dense", "pct_of_ideal", "eff_vs_oracle")
-EXTRA_COLUMNS = ("nominal_density", "rel_err", "tol", "tokens_per_s", "copies", "timer", "detail")
+EXTRA_COLUMNS = ("nominal_density", "rel_err", "tol", "tokens_per_s", "copies", "timer", "detail", "gbps",
+                 "pct_of_copy_bw", "copy_gbps")
 
 OPS = ("fwd", "bwd", "mlp", "decoder")
 PROVIDERS = ("dense", "oracle", "sparsecore-torch", "sparsecore-triton", "sparsecore-cuda", "torch-bsr",
@@ -371,6 +372,15 @@ class Problem:
         mlp = 2 * B * T * 3 * K * N * density
         return self.cfg.layers * (attn_proj + sdpa + mlp)
 
+    def bytes_moved(self, s: Structure) -> Optional[int]:
+        """Fewest bytes one fwd call must move: read x and the kept weights, write y (the
+        measure of a memory-bound decode step); None for the other ops."""
+        if self.op != "fwd":
+            return None
+        es = torch.empty((), dtype=self.dtype).element_size()
+        kept = round(self.density_of(s) * self.N * self.K)
+        return es * (self.M * self.K + kept + self.M * self.N)
+
     # -- float64 references ----------------------------------------------------------------
     def reference(self, s: Structure):
         """float64 result of the op with W_eff of structure ``s`` (cached per structure)."""
@@ -658,6 +668,20 @@ def time_cuda(fn, warmup_ms: float, rep_ms: float, graph: bool) -> tuple:
     return (*do_bench(fn, warmup=max(1, int(warmup_ms)), rep=max(1, int(rep_ms)), quantiles=q), "events")
 
 
+def copy_bandwidth(device: str) -> float:
+    """GB/s (bytes read + written) of a plain copy between two 1 GiB (CPU: 128 MiB) buffers:
+    the memory ceiling that memory-bound rows are measured against (``pct_of_copy_bw``)."""
+    n = (1 << 30) if device == "cuda" else (128 << 20)
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    if device == "cuda":
+        ms = time_cuda(lambda: dst.copy_(src), 50, 200, graph=False)[0]
+    else:
+        ms = time_cpu(lambda: dst.copy_(src), 50, 200)[0]
+    del src, dst
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
 def cache_bytes(device: str) -> int:
     if device == "cuda":
         return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20))
@@ -745,8 +769,8 @@ def plan(cfg: Config, provs: dict) -> list:
 class Runner:
     """Runs tasks into rows; keeps the dense / oracle times each row is compared with."""
 
-    def __init__(self, cfg: Config, env: dict):
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: Config, env: dict, copy_gbps: Optional[float] = None):
+        self.cfg, self.env, self.copy_gbps = cfg, env, copy_gbps
         self.rows, self.failures, self.skips = [], [], {}
         self._dense, self._oracle = {}, {}
 
@@ -821,6 +845,8 @@ class Runner:
         dense_ms = self._dense.get(key)
         oracle_ms = self._oracle.get(key + (s.density,)) if s.kind != "dense" else None
         speedup = dense_ms / p50 if dense_ms else None
+        nbytes = prob.bytes_moved(s)
+        gbps = nbytes / (p50 * 1e-3) / 1e9 if nbytes else None
         row = dict(self.env, op=prob.op, provider=prov.name, dtype=DTYPE_NAMES[prob.dtype], M=prob.M, N=prob.N,
                    K=prob.K, block_n=s.block[0] if s.block else (1 if s.kind == "2:4" else 0),
                    block_k=s.block[1] if s.block else (4 if s.kind == "2:4" else 0), density=density,
@@ -828,7 +854,9 @@ class Runner:
                    speedup_vs_dense=speedup, pct_of_ideal=speedup * density if speedup else None,
                    eff_vs_oracle=oracle_ms / p50 if oracle_ms else None, rel_err=err, tol=tol,
                    tokens_per_s=prob.M / (p50 * 1e-3) if prob.op == "decoder" else None, copies=ncopies,
-                   timer=timer, detail=_detail(prob, s), nominal_density=s.density)
+                   timer=timer, detail=_detail(prob, s), nominal_density=s.density, gbps=gbps,
+                   pct_of_copy_bw=gbps / self.copy_gbps if gbps and self.copy_gbps else None,
+                   copy_gbps=self.copy_gbps)
         self.rows.append(row)
         return row
 
@@ -852,7 +880,8 @@ TABLE_COLS = (("op", "op", "{}"), ("provider", "provider", "{}"), ("dtype", "dty
               ("N", "N", "{}"), ("K", "K", "{}"), ("block", None, "{}"), ("density", "density", "{:.3f}"),
               ("ms p50", "ms_p50", "{:.4g}"), ("p20-p80", None, "{}"), ("TFLOP/s", "tflops", "{:.3g}"),
               ("speedup", "speedup_vs_dense", "{:.3g}x"), ("% ideal", "pct_of_ideal", "{:.0%}"),
-              ("vs oracle", "eff_vs_oracle", "{:.0%}"), ("tok/s", "tokens_per_s", "{:.4g}"))
+              ("vs oracle", "eff_vs_oracle", "{:.0%}"), ("GB/s", "gbps", "{:.3g}"),
+              ("% copy bw", "pct_of_copy_bw", "{:.0%}"), ("tok/s", "tokens_per_s", "{:.4g}"))
 
 
 def format_table(rows) -> str:
@@ -999,7 +1028,10 @@ def _run(cfg: Config) -> list:
     for base in ("dense", "oracle"):
         if base not in provs:
             log.info("provider %s not selected: speedup / oracle columns stay empty", base)
-    runner = Runner(cfg, env)
+    copy_gbps = copy_bandwidth(cfg.device) if "fwd" in cfg.ops else None
+    if copy_gbps:
+        log.info("plain device copy: %.0f GB/s (read + write): the ceiling for memory-bound rows", copy_gbps)
+    runner = Runner(cfg, env, copy_gbps)
     tasks = plan(cfg, provs)
     writer = CsvWriter(cfg.out / "bench.csv")
     try:
@@ -1040,7 +1072,7 @@ def _run(cfg: Config) -> list:
 
 INT_FIELDS = ("M", "N", "K", "block_n", "block_k", "copies")
 FLOAT_FIELDS = ("density", "nominal_density", "ms_p50", "ms_p20", "ms_p80", "tflops", "speedup_vs_dense", "pct_of_ideal",
-                "eff_vs_oracle", "rel_err", "tol", "tokens_per_s")
+                "eff_vs_oracle", "rel_err", "tol", "tokens_per_s", "gbps", "pct_of_copy_bw", "copy_gbps")
 
 
 def load_csv(path) -> list:

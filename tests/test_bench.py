@@ -57,6 +57,13 @@ def test_end_to_end_writes_design_csv(tmp_path):
             # the realized density of a random mask keeping round(0.5 * blocks)
             assert density == pytest.approx(0.5, abs=0.05)
             assert (r["block_n"], r["block_k"]) in {("16", "16"), ("32", "16")}
+        if r["op"] == "fwd":  # bytes moved: x [3, K] + kept weights + y [3, N], fp32
+            M, N, K = int(r["M"]), int(r["N"]), int(r["K"])
+            nbytes = 4 * (M * K + round(density * N * K) + M * N)
+            assert float(r["gbps"]) == pytest.approx(nbytes / (p50 * 1e-3) / 1e9, rel=1e-3)
+            assert float(r["pct_of_copy_bw"]) == pytest.approx(float(r["gbps"]) / float(r["copy_gbps"]), rel=1e-3)
+        else:
+            assert r["gbps"] == r["pct_of_copy_bw"] == ""
         if r["op"] == "decoder":
             assert float(r["tokens_per_s"]) == pytest.approx(3 / (p50 * 1e-3), rel=1e-4)
             assert (r["N"], r["K"]) == ("896", "256")  # the tiny decoder on the CPU

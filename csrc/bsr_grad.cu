@@ -170,7 +170,7 @@ template <int BN, int BK> struct DwCfg {
   static constexpr int NT = 32 * WARPS_M * WARPS_N;
   static constexpr int A_BYTES = panel_bytes(BN);
   static constexpr int STAGE_BYTES = A_BYTES + panel_bytes(BK);
-  static constexpr int STAGES = 4;
+  static constexpr int STAGES = STAGE_BYTES >= 32768 ? 3 : 4;  // <= 96 KB: fits sm86/89's 99 KB
   static constexpr int SMEM = STAGES * STAGE_BYTES;
 };
 

@@ -6,7 +6,7 @@
 //   CTA   = 2 consumer warpgroups (warps 0-7: warpgroup w computes rows [64w, 64w+64) x BN)
 //         + 1 producer warp (warp 8: one thread issues every TMA load) = 288 threads
 //   loop  over the 64-column K-chunks of r (see bsr_common.cuh), a STAGES-deep ring:
-//         producer: wait empty[s] -> expect_tx(full[s]) -> TMA x and values pieces into s
+//         producer: wait empty[s] -> live[s], expect_tx(full[s]) -> TMA x and values pieces
 //         consumers: wait full[s] -> 4 wgmma k16 steps -> keep one wgmma group in flight ->
 //                    release the previous chunk's stage (arrive on its empty barrier)
 //
@@ -19,8 +19,14 @@
 //   every piece K-major with the swizzle of its row width (KC*2 = 128, 64 or 32 bytes),
 //   written by TMA and read by wgmma descriptors of the same swizzle: SBO = 8 rows, LBO
 //   unused, a k16 step inside a piece = +32 bytes on the start address. TMA zero-fills rows
-//   past M and columns past Kx; a piece past the row's last block (BK < 64, last chunk) is
-//   loaded from wholly out-of-range boxes, so it is zeros and every chunk is 4 k16 steps.
+//   past M and columns past Kx inside a box. A piece with nothing to load is not loaded and
+//   its wgmma reads a zeroed region instead (a select, so every chunk is 4 unconditional
+//   k16 steps): past the row's last block (BK < 64, last chunk) A and B read zeros; x columns
+//   wholly past Kx (BK = 128, K % 128 <= 64) A reads zeros. The producer tells the consumers
+//   which pieces it loaded in live[s] (bit g: A, bit 4 + g: B), published by the full barrier.
+//
+//     [ stage 0 | ... | stage S-1 | zeros [max(64, BN)][64] | full[S] | empty[S] | live[S] ]
+//
 //   wgmma:  D[m, n] += A[m, k] * B[n, k]  (both operands K-major, no transpose)
 #include <cuda.h>  // CUtensorMap (types only: cuTensorMapEncodeTiled comes through the runtime)
 #include <cudaTypedefs.h>
@@ -46,9 +52,11 @@ template <int BN> struct Sm90Cfg {
   static constexpr int A_BYTES = BM * 128;           // A of a stage: 128 rows x 64 columns
   static constexpr int B_BYTES = BN * 128 > 4096 ? BN * 128 : 4096;  // >= 4 pieces of 1 KB
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;               // a multiple of 1024
-  static constexpr int STAGES = 4;
-  static constexpr int SMEM = STAGES * STAGE_BYTES + 1024 + 2 * STAGES * 8;  // + align + barriers
-  static constexpr int MIN_BLOCKS = BN <= 64 ? 2 : 1;                     // 2 CTAs/SM up to 97 KB
+  // 1 CTA/SM at BN = 128 (209 KB), else 2 (<= 110 KB each, of 228 KB per SM)
+  static constexpr int STAGES = BN == 128 ? 6 : BN == 64 ? 4 : 5;
+  static constexpr int MIN_BLOCKS = BN == 128 ? 1 : 2;
+  static constexpr int ZERO_BYTES = (BN > 64 ? BN : 64) * 128;  // read by both warpgroups' A and by B
+  static constexpr int SMEM = STAGES * STAGE_BYTES + ZERO_BYTES + STAGES * 20 + 1024;  // + barriers, live, align
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -68,6 +76,8 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+// Order this thread's generic-proxy shared writes before async-proxy (wgmma, TMA) accesses.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Pin the accumulators in place around async wgmma: no reads or writes of them move across.
 template <int R> __device__ __forceinline__ void fence_operands(float (&d)[R]) {
 #pragma unroll
@@ -203,17 +213,21 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
   using C = Sm90Cfg<BN>;
   extern __shared__ uint8_t smem[];
   const uint32_t s0 = (smem_addr(smem) + 1023u) & ~1023u;
-  const uint32_t full0 = s0 + C::STAGES * C::STAGE_BYTES, empty0 = full0 + C::STAGES * 8;
+  const uint32_t zeros = s0 + C::STAGES * C::STAGE_BYTES;
+  const uint32_t full0 = zeros + C::ZERO_BYTES, empty0 = full0 + C::STAGES * 8, live0 = empty0 + C::STAGES * 8;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int r = p.row_order[blockIdx.x];
   const int m0 = blockIdx.y * C::BM;
   const int first = p.row_ptr[r], nb = p.row_ptr[r + 1] - first;
-  const int nchunks = num_chunks(nb, p.bk_shift);
+  const int nchunks = p.Kx > 0 ? num_chunks(nb, p.bk_shift) : 0;  // no columns of x: y = act(bias)
   const int kc_shift = p.bk_shift < 6 ? p.bk_shift : 6;  // piece width KC = 2^kc_shift columns
   const int row_bytes = 2 << kc_shift;
   const int a_piece = C::BM * row_bytes, b_piece = BN * row_bytes < 1024 ? 1024 : BN * row_bytes;
   auto stage = [&](int s) { return s0 + s * C::STAGE_BYTES; };
 
+  for (int i = tid; i < C::ZERO_BYTES / 16; i += C::NT)
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(zeros + 16 * i), "r"(0) : "memory");
+  fence_proxy_async();  // the zeros are read by wgmma (the async proxy)
   if (tid == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
       mbar_init(full0 + 8 * s, 1);                // the producer's arrive.expect_tx
@@ -230,16 +244,27 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
     const int pieces = 64 >> kc_shift;
     for (int j = 0; j < nchunks; ++j) {
       const int s = j % C::STAGES;
-      mbar_wait(empty0 + 8 * s, ((j / C::STAGES) & 1) ^ 1);
-      mbar_expect_tx(full0 + 8 * s, (C::BM + BN) * 128);  // G pieces of (BM + BN) x KC x 2 B
-      for (int g = 0; g < pieces; ++g) {
+      int col[4], blk[4];
+      uint32_t live = 0, bytes = 0;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
         const int v = (j << 6) + (g << kc_shift);  // first virtual-K column of the piece
-        const int i = v >> p.bk_shift, kin = v & ((1 << p.bk_shift) - 1);
-        // a piece past the row's last block: boxes wholly out of range, TMA writes zeros
-        const int blk = i < nb ? first + i : p.nnzb;
-        const int col = i < nb ? (__ldg(p.col_idx + blk) << p.bk_shift) + kin : p.Kx;
-        tma_load_2d(stage(s) + g * a_piece, &tmap_x, col, m0, full0 + 8 * s);
-        tma_load_2d(stage(s) + C::A_BYTES + g * b_piece, &tmap_v, kin, blk * BN, full0 + 8 * s);
+        const int i = v >> p.bk_shift;
+        blk[g] = first + i;
+        col[g] = (g < pieces && i < nb) ? (__ldg(p.col_idx + blk[g]) << p.bk_shift) + (v & ((1 << p.bk_shift) - 1))
+                                        : -1;
+        if (col[g] >= 0) live |= 1u << (4 + g), bytes += BN * row_bytes;          // B: values
+        if (col[g] >= 0 && col[g] < p.Kx) live |= 1u << g, bytes += C::BM * row_bytes;  // A: x
+      }
+      mbar_wait(empty0 + 8 * s, ((j / C::STAGES) & 1) ^ 1);
+      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(live0 + 4 * s), "r"(live) : "memory");
+      mbar_expect_tx(full0 + 8 * s, bytes);  // releases live[s] with the arrival
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        if (live & (1u << g)) tma_load_2d(stage(s) + g * a_piece, &tmap_x, col[g], m0, full0 + 8 * s);
+        if (live & (1u << (4 + g)))
+          tma_load_2d(stage(s) + C::A_BYTES + g * b_piece, &tmap_v, col[g] & ((1 << p.bk_shift) - 1), blk[g] * BN,
+                      full0 + 8 * s);  // (column inside the block, first row of the block)
       }
     }
     return;
@@ -256,12 +281,16 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
   for (int j = 0; j < nchunks; ++j) {
     const int s = j % C::STAGES;
     mbar_wait(full0 + 8 * s, (j / C::STAGES) & 1);
+    uint32_t live;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(live) : "r"(live0 + 4 * s) : "memory");
     const uint32_t sA = stage(s) + wg * 64 * row_bytes, sB = stage(s) + C::A_BYTES;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {  // k16 step kk: piece g, +off bytes inside it
       const int g = (kk << 4) >> kc_shift, off = ((kk << 4) & ((1 << kc_shift) - 1)) * 2;
-      wgmma_m64k16<T, BN>(d, gmma_desc(desc, sA + g * a_piece + off), gmma_desc(desc, sB + g * b_piece + off));
+      const uint32_t a = (live >> g) & 1 ? sA + g * a_piece : zeros;
+      const uint32_t b = (live >> (4 + g)) & 1 ? sB + g * b_piece : zeros;
+      wgmma_m64k16<T, BN>(d, gmma_desc(desc, a + off), gmma_desc(desc, b + off));
     }
     wgmma_commit();
     wgmma_wait<1>();                                       // wgmma j-1 retired:
@@ -278,6 +307,8 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
     store_pair<T>(p, m, n, d[4 * i], d[4 * i + 1]);
     store_pair<T>(p, m + 8, n, d[4 * i + 2], d[4 * i + 3]);
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // a cubin without sm_90a features (the host only launches this on 9.0 + sm_90a)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
@@ -286,8 +317,12 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* f = nullptr;
     cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
     const cudaError_t err =
         cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q);
+#endif
     return err == cudaSuccess && q == cudaDriverEntryPointSuccess
                ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f)
                : nullptr;
@@ -321,7 +356,8 @@ cudaError_t launch_bn(const BsrParams& p, DType dt, int bn, cudaStream_t stream)
     constexpr int BN = decltype(side)::value;
     using C = Sm90Cfg<BN>;
     CUtensorMap tmap_x{}, tmap_v{};
-    if (p.nnzb > 0) {
+    if (static_cast<int64_t>(p.nnzb) * BN > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates: s32
+    if (p.nnzb > 0 && p.Kx > 0) {  // else the kernel loads nothing
       const int bk = 1 << p.bk_shift, kc = bk < 64 ? bk : 64;
       cudaError_t err = encode_map(&tmap_x, dt, p.x, p.M, p.Kx, p.ldx, C::BM, kc);
       if (err == cudaSuccess) err = encode_map(&tmap_v, dt, p.values, static_cast<int64_t>(p.nnzb) * BN, bk, bk, BN, kc);

@@ -10,6 +10,8 @@ the CSC metadata, dW on kept blocks, with and without the split over M) meet the
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -29,13 +31,15 @@ def _has_sm90():
 
 
 def _kernels(M, block):
-    """Kernels that accept this call on this GPU."""
+    """Kernels that accept this call on this GPU ($SPARSECORE_TEST_KERNELS, e.g. "sm80,decode",
+    keeps only those: bench/device.sh tests the sm90 kernel in a process of its own)."""
     ks = ["sm80"]
     if _has_sm90():
         ks.append("sm90")
     if M <= 64 and block[1] >= 32:
         ks.append("decode")
-    return ks
+    only = os.environ.get("SPARSECORE_TEST_KERNELS")
+    return [k for k in ks if not only or k in only.split(",")]
 
 
 def _case(M, N, K, block, density, dtype, bias=False, empty_rows=1, seed=0):

@@ -1,19 +1,19 @@
 // Prefill forward for sm90a: TMA loads completing on mbarriers, wgmma.mma_async (SASS HGMMA),
 // producer/consumer warp specialization.
 //
-//   grid  = (R, ceil(M/128))        blockIdx.x -> block-row r = row_order[blockIdx.x]; the
+//   grid  = (R, ceil(M/BM))         blockIdx.x -> block-row r = row_order[blockIdx.x]; the
 //         block-rows of one M tile run together, so its x tile is read from DRAM once
-//   CTA   = 2 consumer warpgroups (warps 0-7: warpgroup w computes rows [64w, 64w+64) x BN)
+//   CTA   = 2 consumer warpgroups (warps 0-7: warpgroup w computes rows [BM/2 w, BM/2 (w+1)) x BN)
 //         + 1 producer warp (warp 8: one thread issues every TMA load) = 288 threads
 //   loop  over the 64-column K-chunks of r (see bsr_common.cuh), a STAGES-deep ring:
 //         producer: wait empty[s] -> live[s], expect_tx(full[s]) -> TMA x and values pieces
-//         consumers: wait full[s] -> 4 wgmma k16 steps -> keep one wgmma group in flight ->
-//                    release the previous chunk's stage (arrive on its empty barrier)
+//         consumers: wait full[s] -> 4 k16 steps (x MT m64 tiles) of wgmma -> keep one group in
+//                    flight -> release the previous chunk's stage (arrive on its empty barrier)
 //
 //   A chunk is G = 64 / KC pieces, KC = min(BK, 64) columns each (BK = 128: one piece, half
 //   a block; BK = 16: four blocks). Shared memory, per stage (1024-byte aligned pieces):
 //
-//     A: G x [128 rows][KC]  x[m0 .. m0+128, col_idx[blk]*BK + kin ..]  (16 KB in all)
+//     A: G x [BM rows][KC]   x[m0 .. m0+BM, col_idx[blk]*BK + kin ..]  (BM x 128 B in all)
 //     B: G x [BN rows][KC]   values[blk, :, kin ..]                     (a piece >= 1 KB)
 //
 //   every piece K-major with the swizzle of its row width (KC*2 = 128, 64 or 32 bytes),
@@ -45,15 +45,19 @@ bool bsr_sm90_built() {
 
 namespace {
 
+// FLOP per byte a CTA pulls from L2 is BM*BN/(BM+BN) (bench/README.md): BN = 128 takes
+// BM = 256 (each warpgroup two m64 tiles; 85 instead of 64) at 1 CTA/SM, the smaller blocks
+// BM = 128 at 2 CTAs/SM.
 template <int BN> struct Sm90Cfg {
-  static constexpr int BM = 128;
+  static constexpr int MT = BN == 128 ? 2 : 1;       // m64 tiles per consumer warpgroup
+  static constexpr int BM = 128 * MT;
   static constexpr int CONSUMERS = 256;              // 2 warpgroups
   static constexpr int NT = CONSUMERS + 32;          // + the producer warp
-  static constexpr int A_BYTES = BM * 128;           // A of a stage: 128 rows x 64 columns
+  static constexpr int A_BYTES = BM * 128;           // A of a stage: BM rows x 64 columns
   static constexpr int B_BYTES = BN * 128 > 4096 ? BN * 128 : 4096;  // >= 4 pieces of 1 KB
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;               // a multiple of 1024
-  // 1 CTA/SM at BN = 128 (209 KB), else 2 (<= 110 KB each, of 228 KB per SM)
-  static constexpr int STAGES = BN == 128 ? 6 : BN == 64 ? 4 : 5;
+  // BN = 128: 209 KB, 1 CTA/SM; else <= 110 KB each, 2 CTAs/SM (of 228 KB per SM)
+  static constexpr int STAGES = BN == 128 ? 4 : BN == 64 ? 4 : 5;
   static constexpr int MIN_BLOCKS = BN == 128 ? 1 : 2;
   static constexpr int ZERO_BYTES = (BN > 64 ? BN : 64) * 128;  // read by both warpgroups' A and by B
   static constexpr int SMEM = STAGES * STAGE_BYTES + ZERO_BYTES + STAGES * 20 + 1024;  // + barriers, live, align
@@ -203,7 +207,7 @@ __device__ __forceinline__ void wgmma_m64k16<__nv_bfloat16, 128>(float (&d)[64],
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// tmap_x: x [M, Kx] (row stride ldx), box [128 rows][KC]; tmap_v: values as [nnzb*BN, BK],
+// tmap_x: x [M, Kx] (row stride ldx), box [BM rows][KC]; tmap_v: values as [nnzb*BN, BK],
 // box [BN rows][KC]; both with the KC*2-byte swizzle. Unused (may be zero) when nnzb == 0.
 template <typename T, int BN>
 __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
@@ -270,42 +274,52 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
     return;
   }
 
-  // ---- consumers: warpgroup wg computes rows [64 wg, 64 wg + 64) of the tile
+  // ---- consumers: warpgroup wg computes rows [64 MT wg, 64 MT (wg + 1)) of the tile, m64
+  // tile mt of it into d[mt]
   const int wg = warp >> 2, lane = tid & 31;
   const uint64_t desc = gmma_desc_base(row_bytes);
-  float d[BN / 2];
+  float d[C::MT][BN / 2];
 #pragma unroll
-  for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
-  fence_operands(d);
+  for (int mt = 0; mt < C::MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) d[mt][i] = 0.f;
+    fence_operands(d[mt]);
+  }
 
   for (int j = 0; j < nchunks; ++j) {
     const int s = j % C::STAGES;
     mbar_wait(full0 + 8 * s, (j / C::STAGES) & 1);
     uint32_t live;
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(live) : "r"(live0 + 4 * s) : "memory");
-    const uint32_t sA = stage(s) + wg * 64 * row_bytes, sB = stage(s) + C::A_BYTES;
+    const uint32_t sA = stage(s) + wg * C::MT * 64 * row_bytes, sB = stage(s) + C::A_BYTES;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {  // k16 step kk: piece g, +off bytes inside it
       const int g = (kk << 4) >> kc_shift, off = ((kk << 4) & ((1 << kc_shift) - 1)) * 2;
-      const uint32_t a = (live >> g) & 1 ? sA + g * a_piece : zeros;
+      const bool a_live = (live >> g) & 1;
       const uint32_t b = (live >> (4 + g)) & 1 ? sB + g * b_piece : zeros;
-      wgmma_m64k16<T, BN>(d, gmma_desc(desc, a + off), gmma_desc(desc, b + off));
+#pragma unroll
+      for (int mt = 0; mt < C::MT; ++mt) {
+        const uint32_t a = a_live ? sA + g * a_piece + mt * 64 * row_bytes : zeros;
+        wgmma_m64k16<T, BN>(d[mt], gmma_desc(desc, a + off), gmma_desc(desc, b + off));
+      }
     }
     wgmma_commit();
     wgmma_wait<1>();                                       // wgmma j-1 retired:
     if (j > 0) mbar_arrive(empty0 + 8 * ((j - 1) % C::STAGES));  // its stage may be refilled
   }
   wgmma_wait<0>();
-  fence_operands(d);
-
   const int g = lane >> 2, t = lane & 3;
-  const int m = m0 + wg * 64 + (warp & 3) * 16 + g;
 #pragma unroll
-  for (int i = 0; i < BN / 8; ++i) {
-    const int n = r * BN + i * 8 + 2 * t;
-    store_pair<T>(p, m, n, d[4 * i], d[4 * i + 1]);
-    store_pair<T>(p, m + 8, n, d[4 * i + 2], d[4 * i + 3]);
+  for (int mt = 0; mt < C::MT; ++mt) {
+    fence_operands(d[mt]);
+    const int m = m0 + (wg * C::MT + mt) * 64 + (warp & 3) * 16 + g;
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      const int n = r * BN + i * 8 + 2 * t;
+      store_pair<T>(p, m, n, d[mt][4 * i], d[mt][4 * i + 1]);
+      store_pair<T>(p, m + 8, n, d[mt][4 * i + 2], d[mt][4 * i + 3]);
+    }
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // a cubin without sm_90a features (the host only launches this on 9.0 + sm_90a)

@@ -5,10 +5,12 @@ capability 9.0 when built for sm_90a, decode; backward: dX, dW) computes a few s
 with tails everywhere (odd M, N and K off the block, an empty block-row, bias + activation),
 each checked against float64.
 Exit 0 only if every output is right; 1 if one is wrong; 2 if nothing could run.
+$SPARSECORE_TEST_KERNELS (e.g. "sm80,decode") keeps only those forward kernels.
 
     compute-sanitizer --tool memcheck  python csrc/sanitize_case.py
     compute-sanitizer --tool racecheck python csrc/sanitize_case.py
 """
+import os
 import sys
 
 import torch
@@ -39,6 +41,8 @@ def main() -> int:
     kernels = ["sm80", "decode"]
     if torch.cuda.get_device_capability() == (9, 0) and torch.ops.sparsecore.cuda_has_sm90a():
         kernels.append("sm90")
+    only = os.environ.get("SPARSECORE_TEST_KERNELS")  # e.g. "sm80,decode" (bench/device.sh)
+    kernels = [k for k in kernels if not only or k in only.split(",")]
     g = torch.Generator().manual_seed(0)
     bad, ran = [], 0
     for M, N, K, block, dtype in CASES:

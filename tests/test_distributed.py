@@ -47,7 +47,7 @@ def train(model, wrapped, rank, world):
     losses = []
     for x, y in batches():
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-        loss = nn.functional.mse_loss(wrapped(xs), ys)
+        loss = nn.functional.mse_loss(wrapped(xs).float(), ys)  # bf16 output under fsdp2_bf16
         opt.zero_grad()
         loss.backward()
         opt.step()

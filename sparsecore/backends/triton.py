@@ -112,22 +112,27 @@ def _grad_weight(dy, x, block_row, col_idx, block, wrap=None):
 if _IMPORT_ERROR is None:
     from torch.library import triton_op, wrap_triton
 
+    def _wrap(kernel):
+        """wrap_triton, except in the CPU interpreter: nothing traces there, and torch < 2.14's
+        wrap_triton rejects the interpreter's kernels."""
+        return kernel if interpreting() else wrap_triton(kernel)
+
     @triton_op("sparsecore::triton_bsr_linear", mutates_args=())
     def _op_forward(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor,
                     row_order: Tensor, out_features: int, bias: Optional[Tensor] = None,
                     activation: str = "none") -> Tensor:
         return _forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation,
-                        wrap_triton)
+                        _wrap)
 
     @triton_op("sparsecore::triton_bsr_linear_grad_input", mutates_args=())
     def _op_grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, t_perm: Tensor,
                        in_features: int) -> Tensor:
-        return _grad_input(dy, values, col_ptr, row_idx, t_perm, in_features, wrap_triton)
+        return _grad_input(dy, values, col_ptr, row_idx, t_perm, in_features, _wrap)
 
     @triton_op("sparsecore::triton_bsr_linear_grad_weight", mutates_args=())
     def _op_grad_weight(dy: Tensor, x: Tensor, block_row: Tensor, col_idx: Tensor, block_n: int,
                         block_k: int) -> Tensor:
-        return _grad_weight(dy, x, block_row, col_idx, (block_n, block_k), wrap_triton)
+        return _grad_weight(dy, x, block_row, col_idx, (block_n, block_k), _wrap)
 
 
 # -- the backend interface (see sparsecore.backends) ----------------------------------------

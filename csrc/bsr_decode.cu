@@ -19,7 +19,9 @@ namespace sparsecore {
 namespace {
 
 constexpr int kDecodeThreads = 256;
-constexpr int kDecodeWarpsPerSM = 16;  // target resident warps per SM when splitting
+// Resident warps per SM the split targets (and the launch bounds ask for): 16, or 8 at BN = 128,
+// whose 16 loads in flight per lane need more than 128 registers without spilling.
+template <int BN> constexpr int decode_warps_per_sm() { return BN == 128 ? 8 : 16; }
 
 __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
 
@@ -44,7 +46,8 @@ __device__ __forceinline__ void flush(const BsrParams& p, int r, int mb, int g, 
 }
 
 template <typename T, int BN>
-__global__ void __launch_bounds__(kDecodeThreads) bsr_fwd_decode(const BsrParams p, int units_per_warp) {
+__global__ void __launch_bounds__(kDecodeThreads, decode_warps_per_sm<BN>() * 32 / kDecodeThreads)
+    bsr_fwd_decode(const BsrParams p, int units_per_warp) {
   const int lane = threadIdx.x & 31;
   const int warp = (blockIdx.x * kDecodeThreads + threadIdx.x) >> 5;
   const int slice_shift = p.bk_shift - 5;  // log2(32-column slices per block)
@@ -59,28 +62,45 @@ __global__ void __launch_bounds__(kDecodeThreads) bsr_fwd_decode(const BsrParams
 
   float acc[BN / 8][4] = {};
   int cur = u0 < u1 ? p.block_row[u0 >> slice_shift] : -1;
+  // UN units per step, all their loads issued before any mma: BN/8 x UN 16-byte value loads in
+  // flight per lane (small BN would leave too few bytes in flight to cover DRAM latency)
+  constexpr int UN = BN <= 32 ? 2 : 1;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll 1
-  for (int u = u0; u < u1; ++u) {  // unit u: 32-column slice (u mod slices) of kept block u / slices
-    const int i = u >> slice_shift, ks = (u & ((1 << slice_shift) - 1)) << 5;
-    const int r = p.block_row[i];
-    if (r != cur) {
-      flush<T, BN>(p, cur, mb, g, t, acc);
-      cur = r;
+  for (int u = u0; u < u1; u += UN) {  // unit u: 32-column slice (u mod slices) of kept block u / slices
+    uint4 bq[UN][BN / 8], xl[UN], xh[UN];
+    int rows[UN];
+#pragma unroll
+    for (int w = 0; w < UN; ++w) {
+      rows[w] = -1;
+      if (w > 0 && u + w >= u1) continue;  // past the warp's range (warp-uniform); unit u always exists
+      const int i = (u + w) >> slice_shift, ks = ((u + w) & ((1 << slice_shift) - 1)) << 5;
+      rows[w] = p.block_row[i];
+      if (w == 0 && rows[0] != cur) {  // before the loads: fewer registers live across the atomics
+        flush<T, BN>(p, cur, mb, g, t, acc);
+        cur = rows[0];
+      }
+      const T* v = static_cast<const T*>(p.values) + ((static_cast<int64_t>(i) * BN + g) << p.bk_shift) + ks + 8 * t;
+#pragma unroll
+      for (int q = 0; q < BN / 8; ++q) bq[w][q] = ldg16(v + ((q * 8) << p.bk_shift));
+      const int k = (p.col_idx[i] << p.bk_shift) + ks + 8 * t;  // column of x
+      xl[w] = (lo_ok && k < p.Kx) ? ldg16(x_lo + k) : zero;
+      xh[w] = (hi_ok && k < p.Kx) ? ldg16(x_hi + k) : zero;
     }
-    const T* v = static_cast<const T*>(p.values) + ((static_cast<int64_t>(i) * BN + g) << p.bk_shift) + ks + 8 * t;
-    uint4 bq[BN / 8];
 #pragma unroll
-    for (int q = 0; q < BN / 8; ++q) bq[q] = ldg16(v + ((q * 8) << p.bk_shift));
-    const int k = (p.col_idx[i] << p.bk_shift) + ks + 8 * t;  // column of x
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    const uint4 xl = (lo_ok && k < p.Kx) ? ldg16(x_lo + k) : zero;
-    const uint4 xh = (hi_ok && k < p.Kx) ? ldg16(x_hi + k) : zero;
-    const uint32_t a0[4] = {xl.x, xh.x, xl.y, xh.y};  // phys columns 8t+0..3
-    const uint32_t a1[4] = {xl.z, xh.z, xl.w, xh.w};  // phys columns 8t+4..7
+    for (int w = 0; w < UN; ++w) {
+      if (w > 0 && rows[w] < 0) continue;  // unit u always exists
+      if (w > 0 && rows[w] != cur) {  // unit u + w starts another block-row (w = 0: done above)
+        flush<T, BN>(p, cur, mb, g, t, acc);
+        cur = rows[w];
+      }
+      const uint32_t a0[4] = {xl[w].x, xh[w].x, xl[w].y, xh[w].y};  // phys columns 8t+0..3
+      const uint32_t a1[4] = {xl[w].z, xh[w].z, xl[w].w, xh[w].w};  // phys columns 8t+4..7
 #pragma unroll
-    for (int q = 0; q < BN / 8; ++q) {
-      mma16816<T>(acc[q], a0, bq[q].x, bq[q].y);
-      mma16816<T>(acc[q], a1, bq[q].z, bq[q].w);
+      for (int q = 0; q < BN / 8; ++q) {
+        mma16816<T>(acc[q], a0, bq[w][q].x, bq[w][q].y);
+        mma16816<T>(acc[q], a1, bq[w][q].z, bq[w][q].w);
+      }
     }
   }
   if (cur >= 0) flush<T, BN>(p, cur, mb, g, t, acc);
@@ -100,7 +120,7 @@ __global__ void bsr_finalize(const BsrParams p, int ldw) {
 template <typename T, int BN>
 cudaError_t launch(const BsrParams& p, int num_sms, cudaStream_t stream) {
   const int units = p.nnzb << (p.bk_shift - 5);  // 32-column slices of kept blocks
-  const int warps_target = num_sms * kDecodeWarpsPerSM;
+  const int warps_target = num_sms * decode_warps_per_sm<BN>();
   const int per_warp = (units + warps_target - 1) / warps_target;  // >= 1 when nnzb > 0
   const int warps = (units + per_warp - 1) / per_warp;
   const int ctas = (warps * 32 + kDecodeThreads - 1) / kDecodeThreads;

@@ -87,8 +87,9 @@ DECODERS = {"llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, he
 DECODE_MAX_M = 16      # decoder: M <= this is a decode step of M sequences, else a prefill
 GRAPH_MAX_M = 128      # CUDA graphs (launch overhead hidden) up to this many tokens
 
-PRESETS = {  # (device kind, preset) -> defaults; flags override each field
-    ("cuda", "quick"): dict(ops="fwd,bwd,mlp,decoder", shapes="4096,llama3-8b-up", tokens="1,2048",
+PRESETS = {  # (device kind, preset) -> defaults; flags override each field. GPU quick: fwd and
+    # decoder first, so a run cut short by a time limit keeps them
+    ("cuda", "quick"): dict(ops="fwd,decoder,bwd,mlp", shapes="4096,llama3-8b-up", tokens="1,2048",
                             densities="0.5,0.1", blocks="32,64", dtype="bf16", layers=2, context=1024),
     ("cuda", "full"): dict(ops="fwd,bwd,mlp,decoder", shapes=",".join(s for s in SHAPES if s != "1024"),
                            tokens="1,16,128,2048,8192", densities="0.5,0.25,0.1,0.05", blocks="16,32,64,128",

@@ -1,18 +1,22 @@
 // Decode forward (M <= 64, BK >= 32): memory-bound, so every kept weight byte is read once
-// from DRAM with 16-byte loads and all SMs get work whatever the row lengths.
+// from DRAM with 16-byte loads and all SMs get work whatever the row lengths. Two kernels:
 //
-//   grid.x: warps split the global list of 32-column slices of kept blocks (BSR order, a
-//   block's slices in a row) into equal contiguous ranges; grid.y: groups of 16 rows of x
-//   (rows mb = 16*blockIdx.y ..; the groups re-read the same weight blocks, from L2). A warp
-//   walks its range slice by slice:
+//   bsr_fwd_decode_rows (R >= SMs/4 block-rows: decode_by_rows): one CTA per (block-row, group
+//   of 16 rows of x); its NW warps take the row's units in turn, park their partial sums in
+//   shared memory and sum them in a fixed order: one launch, no workspace, deterministic.
+//   bsr_fwd_decode (fewer block-rows): warps split the global list of units into equal
+//   contiguous ranges (grid.y: groups of 16 rows of x; the groups re-read the same weight
+//   blocks, from L2); partial sums (fp32, rows < M) go to workspace [M, R*BN] with atomicAdd
+//   whenever a warp leaves a block-row; bsr_finalize then writes y = act(workspace + bias).
+//
+//   A unit is a 32-column slice of a kept block (BSR order, a block's slices in a row):
 //     lane (g = lane/4, t = lane%4) loads 16 B of x rows mb+g and mb+g+8 at columns 8t..8t+7,
 //     and 16 B of values row n = 8q + g at the same columns, for every n8 group q
 //     (BN/8 independent 16-byte loads in flight per lane), then two mma.sync m16n8k16.
 //   The k order inside a 32-column slice is permuted identically for x and W (the dot
 //   product does not care): phys column 8t+e (e < 8) is logical  2t + (e&1) + 8*((e>>1)&1)
 //   of mma (e >> 2). So one 16-byte load is exactly a lane's B fragment of two mmas.
-//   Partial sums (fp32, rows < M) go to workspace [M, R*BN] with atomicAdd whenever the
-//   warp leaves a block-row; bsr_finalize then writes y = act(workspace + bias).
+//   For BN <= 32 a warp takes two units per step, all their loads issued before any mma.
 #include "bsr_common.cuh"
 
 namespace sparsecore {
@@ -21,9 +25,58 @@ namespace {
 constexpr int kDecodeThreads = 256;
 // Resident warps per SM the split targets (and the launch bounds ask for): 16, or 8 at BN = 128,
 // whose 16 loads in flight per lane need more than 128 registers without spilling.
-template <int BN> constexpr int decode_warps_per_sm() { return BN == 128 ? 8 : 16; }
+template <int BN> __host__ __device__ constexpr int decode_warps_per_sm() { return BN == 128 ? 8 : 16; }
 
 __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
+
+// Units per step of a warp: two for BN <= 32, whose BN/8 loads per lane per unit would leave
+// too few bytes in flight to cover DRAM latency.
+template <int BN> __host__ __device__ constexpr int decode_units_per_step() { return BN <= 32 ? 2 : 1; }
+
+// What a lane of a decode warp keeps: its x rows (mb + g, mb + g + 8) and fragment position.
+template <typename T> struct DecodeLane {
+  const T* x_lo;
+  const T* x_hi;
+  bool lo_ok, hi_ok;
+  int g, t;
+  __device__ DecodeLane(const BsrParams& p, int mb, int lane) : g(lane >> 2), t(lane & 3) {
+    x_lo = static_cast<const T*>(p.x) + static_cast<int64_t>(mb + g) * p.ldx;
+    x_hi = x_lo + 8 * static_cast<int64_t>(p.ldx);
+    lo_ok = mb + g < p.M;
+    hi_ok = mb + g + 8 < p.M;
+  }
+};
+
+// One unit's registers: BN/8 16-byte pieces of values and 16 bytes of each x row.
+template <int BN> struct UnitRegs {
+  uint4 b[BN / 8], xl, xh;
+};
+
+// Issue this lane's loads of unit u (32-column slice u % slices of kept block u / slices).
+template <typename T, int BN>
+__device__ __forceinline__ void load_unit(const BsrParams& p, const DecodeLane<T>& L, int u, UnitRegs<BN>& un) {
+  const int slice_shift = p.bk_shift - 5;
+  const int i = u >> slice_shift, ks = (u & ((1 << slice_shift) - 1)) << 5;
+  const T* v = static_cast<const T*>(p.values) + ((static_cast<int64_t>(i) * BN + L.g) << p.bk_shift) + ks + 8 * L.t;
+#pragma unroll
+  for (int q = 0; q < BN / 8; ++q) un.b[q] = ldg16(v + ((q * 8) << p.bk_shift));
+  const int k = (p.col_idx[i] << p.bk_shift) + ks + 8 * L.t;  // column of x
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  un.xl = (L.lo_ok && k < p.Kx) ? ldg16(L.x_lo + k) : zero;
+  un.xh = (L.hi_ok && k < p.Kx) ? ldg16(L.x_hi + k) : zero;
+}
+
+// acc[q] (rows g, g + 8 of the group; columns 8q + 2t, +1) += the unit's x slice @ W slice^T.
+template <typename T, int BN>
+__device__ __forceinline__ void mma_unit(const UnitRegs<BN>& un, float (&acc)[BN / 8][4]) {
+  const uint32_t a0[4] = {un.xl.x, un.xh.x, un.xl.y, un.xh.y};  // phys columns 8t+0..3
+  const uint32_t a1[4] = {un.xl.z, un.xh.z, un.xl.w, un.xh.w};  // phys columns 8t+4..7
+#pragma unroll
+  for (int q = 0; q < BN / 8; ++q) {
+    mma16816<T>(acc[q], a0, un.b[q].x, un.b[q].y);
+    mma16816<T>(acc[q], a1, un.b[q].z, un.b[q].w);
+  }
+}
 
 template <typename T, int BN>
 __device__ __forceinline__ void flush(const BsrParams& p, int r, int mb, int g, int t, float (&acc)[BN / 8][4]) {
@@ -48,62 +101,101 @@ __device__ __forceinline__ void flush(const BsrParams& p, int r, int mb, int g, 
 template <typename T, int BN>
 __global__ void __launch_bounds__(kDecodeThreads, decode_warps_per_sm<BN>() * 32 / kDecodeThreads)
     bsr_fwd_decode(const BsrParams p, int units_per_warp) {
-  const int lane = threadIdx.x & 31;
   const int warp = (blockIdx.x * kDecodeThreads + threadIdx.x) >> 5;
   const int slice_shift = p.bk_shift - 5;  // log2(32-column slices per block)
   const int u0 = warp * units_per_warp;
   const int u1 = min(p.nnzb << slice_shift, u0 + units_per_warp);
-  const int g = lane >> 2, t = lane & 3;
   const int mb = blockIdx.y * 16;
-  const T* x = static_cast<const T*>(p.x);
-  const T* x_lo = x + static_cast<int64_t>(mb + g) * p.ldx;  // row mb + g
-  const T* x_hi = x_lo + 8 * static_cast<int64_t>(p.ldx);    // row mb + g + 8
-  const bool lo_ok = mb + g < p.M, hi_ok = mb + g + 8 < p.M;
+  const DecodeLane<T> L(p, mb, threadIdx.x & 31);
+  const int g = L.g, t = L.t;
 
   float acc[BN / 8][4] = {};
   int cur = u0 < u1 ? p.block_row[u0 >> slice_shift] : -1;
-  // UN units per step, all their loads issued before any mma: BN/8 x UN 16-byte value loads in
-  // flight per lane (small BN would leave too few bytes in flight to cover DRAM latency)
-  constexpr int UN = BN <= 32 ? 2 : 1;
-  const uint4 zero = make_uint4(0, 0, 0, 0);
+  constexpr int UN = decode_units_per_step<BN>();
 #pragma unroll 1
-  for (int u = u0; u < u1; u += UN) {  // unit u: 32-column slice (u mod slices) of kept block u / slices
-    uint4 bq[UN][BN / 8], xl[UN], xh[UN];
+  for (int u = u0; u < u1; u += UN) {
+    UnitRegs<BN> un[UN];
     int rows[UN];
 #pragma unroll
     for (int w = 0; w < UN; ++w) {
       rows[w] = -1;
       if (w > 0 && u + w >= u1) continue;  // past the warp's range (warp-uniform); unit u always exists
-      const int i = (u + w) >> slice_shift, ks = ((u + w) & ((1 << slice_shift) - 1)) << 5;
-      rows[w] = p.block_row[i];
+      rows[w] = p.block_row[(u + w) >> slice_shift];
       if (w == 0 && rows[0] != cur) {  // before the loads: fewer registers live across the atomics
         flush<T, BN>(p, cur, mb, g, t, acc);
         cur = rows[0];
       }
-      const T* v = static_cast<const T*>(p.values) + ((static_cast<int64_t>(i) * BN + g) << p.bk_shift) + ks + 8 * t;
-#pragma unroll
-      for (int q = 0; q < BN / 8; ++q) bq[w][q] = ldg16(v + ((q * 8) << p.bk_shift));
-      const int k = (p.col_idx[i] << p.bk_shift) + ks + 8 * t;  // column of x
-      xl[w] = (lo_ok && k < p.Kx) ? ldg16(x_lo + k) : zero;
-      xh[w] = (hi_ok && k < p.Kx) ? ldg16(x_hi + k) : zero;
+      load_unit<T, BN>(p, L, u + w, un[w]);
     }
 #pragma unroll
     for (int w = 0; w < UN; ++w) {
-      if (w > 0 && rows[w] < 0) continue;  // unit u always exists
+      if (w > 0 && rows[w] < 0) continue;
       if (w > 0 && rows[w] != cur) {  // unit u + w starts another block-row (w = 0: done above)
         flush<T, BN>(p, cur, mb, g, t, acc);
         cur = rows[w];
       }
-      const uint32_t a0[4] = {xl[w].x, xh[w].x, xl[w].y, xh[w].y};  // phys columns 8t+0..3
-      const uint32_t a1[4] = {xl[w].z, xh[w].z, xl[w].w, xh[w].w};  // phys columns 8t+4..7
-#pragma unroll
-      for (int q = 0; q < BN / 8; ++q) {
-        mma16816<T>(acc[q], a0, bq[w][q].x, bq[w][q].y);
-        mma16816<T>(acc[q], a1, bq[w][q].z, bq[w][q].w);
-      }
+      mma_unit<T, BN>(un[w], acc);
     }
   }
   if (cur >= 0) flush<T, BN>(p, cur, mb, g, t, acc);
+}
+
+
+// One CTA per (block-row r = row_order[blockIdx.x], 16 rows of x from mb = 16*blockIdx.y):
+// warp w takes the row's units w, w + NW, ... (UN per step); then every warp parks its
+// fragments in red[w][16][BN + 8] (padded rows: 2-way bank conflicts at most) and the CTA
+// writes y = act(sum over w in order + bias): no workspace, no atomics, bitwise repeatable.
+template <int BN> struct DecodeRowsCfg {
+  static constexpr int NW = BN == 128 ? 8 : 16;  // <= 128 registers a thread up to BN = 64
+  static constexpr int NT = NW * 32;
+  static constexpr int LDR = BN + 8;
+  static constexpr int SMEM = NW * 16 * LDR * 4;
+};
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(DecodeRowsCfg<BN>::NT, 1) bsr_fwd_decode_rows(const BsrParams p) {
+  using C = DecodeRowsCfg<BN>;
+  constexpr int UN = decode_units_per_step<BN>();
+  extern __shared__ float red[];
+  const int warp = threadIdx.x >> 5;
+  const int r = p.row_order[blockIdx.x];
+  const int mb = blockIdx.y * 16;
+  const DecodeLane<T> L(p, mb, threadIdx.x & 31);
+  const int slice_shift = p.bk_shift - 5;
+  const int ub = p.row_ptr[r] << slice_shift, ue = p.row_ptr[r + 1] << slice_shift;
+
+  float acc[BN / 8][4] = {};
+#pragma unroll 1
+  for (int u = ub + warp; u < ue; u += C::NW * UN) {
+    UnitRegs<BN> un[UN];
+#pragma unroll
+    for (int w = 0; w < UN; ++w)
+      if (w == 0 || u + w * C::NW < ue) load_unit<T, BN>(p, L, u + w * C::NW, un[w]);
+#pragma unroll
+    for (int w = 0; w < UN; ++w)
+      if (w == 0 || u + w * C::NW < ue) mma_unit<T, BN>(un[w], acc);
+  }
+
+  float* mine = red + warp * 16 * C::LDR;
+#pragma unroll
+  for (int q = 0; q < BN / 8; ++q) {
+    const int n = q * 8 + 2 * L.t;
+    mine[L.g * C::LDR + n] = acc[q][0];
+    mine[L.g * C::LDR + n + 1] = acc[q][1];
+    mine[(L.g + 8) * C::LDR + n] = acc[q][2];
+    mine[(L.g + 8) * C::LDR + n + 1] = acc[q][3];
+  }
+  __syncthreads();
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int idx = threadIdx.x; idx < 16 * BN; idx += C::NT) {
+    const int m = mb + idx / BN, n = r * BN + idx % BN;
+    if (m >= p.M || n >= p.N) continue;
+    float z = 0.f;
+#pragma unroll
+    for (int w = 0; w < C::NW; ++w) z += red[(w * 16 + idx / BN) * C::LDR + idx % BN];
+    if (bias) z += Elem<T>::to_float(bias[n]);
+    static_cast<T*>(p.y)[static_cast<int64_t>(m) * p.N + n] = Elem<T>::from_float(activate(z, p.activation));
+  }
 }
 
 // y[m, n] = act(workspace[m, n] + bias[n]) for n < N; one thread per output element.
@@ -128,6 +220,12 @@ cudaError_t launch(const BsrParams& p, int num_sms, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+template <typename T, int BN>
+cudaError_t launch_rows(const BsrParams& p, cudaStream_t stream) {
+  using C = DecodeRowsCfg<BN>;
+  return launch_smem<C>(bsr_fwd_decode_rows<T, BN>, dim3(p.R, (p.M + 15) / 16), p, stream);
+}
+
 template <typename T>
 cudaError_t launch_fin(const BsrParams& p, int bn, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(p.M) * p.N;
@@ -145,6 +243,13 @@ cudaError_t launch_bn(const BsrParams& p, int bn, int num_sms, cudaStream_t stre
 cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream) {
   return dt == kFloat16 ? launch_bn<__half>(p, bn, num_sms, stream)
                         : launch_bn<__nv_bfloat16>(p, bn, num_sms, stream);
+}
+
+cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {
+  return with_side(bn, [&](auto side) {
+    constexpr int BN = decltype(side)::value;
+    return dt == kFloat16 ? launch_rows<__half, BN>(p, stream) : launch_rows<__nv_bfloat16, BN>(p, stream);
+  });
 }
 
 cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {

@@ -3,7 +3,8 @@
 //   cuda_bsr_linear(x [M, K], values [nnzb, BN, BK], row_ptr, col_idx, block_row, row_order,
 //                   out_features, bias?, activation, kernel) -> y [M, out_features]
 //     kernel: "auto" (decode if M <= 64 and BK >= 32, else sm90 on compute capability 9.0
-//             when built for sm_90a, else sm80) | "sm80" | "sm90" | "decode"
+//             when built for sm_90a, else sm80) | "sm80" | "sm90" | "decode" (by block-rows when there
+//             are >= SMs/4 of them, else split over all SMs + finalize)
 //   cuda_bsr_linear_grad_input(dy [M, N], values, col_ptr, row_idx, t_perm, in_features)
 //                   -> dx [M, in_features]            (dX = dY @ W, CSC metadata)
 //   cuda_bsr_linear_grad_weight(dy [M, N], x [M, K], block_row, col_idx, block_n, block_k)
@@ -191,14 +192,19 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   if (which == "decode") {
     TORCH_CHECK(decode_ok, "cuda_bsr_linear: kernel: 'decode' expects M <= ", kDecodeMaxM,
                 " and BK >= 32, got M=", M, ", BK=", bk);
-    Tensor ws = at::zeros({M, R * bn}, x.options().dtype(at::kFloat));
-    p.workspace = ws.data_ptr<float>();
-    if (p.nnzb > 0) {
-      C10_CUDA_CHECK(launch_bsr_decode(p, dt, static_cast<int>(bn), info.sms, stream));
+    if (decode_by_rows(p.R, info.sms)) {  // one launch, y written directly
+      C10_CUDA_CHECK(launch_bsr_decode_rows(p, dt, static_cast<int>(bn), stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {  // few block-rows: split the kept blocks over all SMs, reduce through a workspace
+      Tensor ws = at::zeros({M, R * bn}, x.options().dtype(at::kFloat));
+      p.workspace = ws.data_ptr<float>();
+      if (p.nnzb > 0) {
+        C10_CUDA_CHECK(launch_bsr_decode(p, dt, static_cast<int>(bn), info.sms, stream));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      C10_CUDA_CHECK(launch_bsr_finalize(p, dt, static_cast<int>(bn), stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_CHECK(launch_bsr_finalize(p, dt, static_cast<int>(bn), stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (which == "sm90") {
     TORCH_CHECK(sm90_ok, "cuda_bsr_linear: kernel: 'sm90' expects a compute capability 9.0 GPU and a build with ",
                 "sm_90a, got ", info.major, ".", info.minor, bsr_sm90_built() ? "" : " and a build without sm_90a");

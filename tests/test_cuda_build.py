@@ -25,8 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "csrc"))
 import sparsecore_build  # noqa: E402
 
-KERNELS = ("bsr_fwd_sm80", "bsr_fwd_sm90", "bsr_fwd_decode", "bsr_finalize", "bsr_dx_sm80", "bsr_dw_sm80",
-           "bsr_dw_finalize")
+# (bsr_fwd_decode_rows before bsr_fwd_decode: a name is matched by the first base it contains)
+KERNELS = ("bsr_fwd_sm80", "bsr_fwd_sm90", "bsr_fwd_decode_rows", "bsr_fwd_decode", "bsr_finalize", "bsr_dx_sm80",
+           "bsr_dw_sm80", "bsr_dw_finalize")
 
 
 def _why_not_built():
@@ -202,7 +203,8 @@ def test_no_register_spills():
     funcs = _sections(res, r"\s*Function (\S+):")
     archs = {f"sm_{a}" for a in _archs()}
     assert {a for a, _, _ in funcs} == archs
-    expected = {"bsr_fwd_sm80": 8, "bsr_fwd_sm90": 8, "bsr_fwd_decode": 8, "bsr_dx_sm80": 8, "bsr_dw_sm80": 32}
+    expected = {"bsr_fwd_sm80": 8, "bsr_fwd_sm90": 8, "bsr_fwd_decode_rows": 8, "bsr_fwd_decode": 8, "bsr_dx_sm80": 8,
+                "bsr_dw_sm80": 32}
     for arch in archs:  # 2 dtypes x 4 block sides (x 4 for dW: both sides)
         for k, n in expected.items():
             assert sum(1 for a, b, _ in funcs if (a, b) == (arch, k)) == n, (arch, k)
@@ -226,7 +228,7 @@ def test_sass_uses_tensor_cores():
         elif base in ("bsr_dx_sm80", "bsr_dw_sm80"):  # cp.async + ldmatrix.trans + mma.sync
             for op in ("HMMA.16816.F32", "LDSM.16.MT88.4", "LDGSTS.E.BYPASS.128"):
                 assert op in body, f"{arch} {name}: no {op}"
-        elif base == "bsr_fwd_decode":  # 16-byte loads + mma.sync
+        elif base in ("bsr_fwd_decode", "bsr_fwd_decode_rows"):  # 16-byte loads + mma.sync
             assert "HMMA.16816.F32" in body and "LDG.E.128" in body, f"{arch} {name}"
         elif base == "bsr_fwd_sm90" and arch == "sm_90a":
             assert re.search(r"HGMMA\.64x\d+x16\.F32", body), f"{name}: no HGMMA"
@@ -236,7 +238,7 @@ def test_sass_uses_tensor_cores():
             # one wgmma group left in flight while the next chunk is prepared
             assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in body, f"{name}: wgmma not overlapped"
     for a in _archs():
-        for k in ("bsr_fwd_sm80", "bsr_fwd_decode", "bsr_dx_sm80", "bsr_dw_sm80") + (
+        for k in ("bsr_fwd_sm80", "bsr_fwd_decode", "bsr_fwd_decode_rows", "bsr_dx_sm80", "bsr_dw_sm80") + (
                 ("bsr_fwd_sm90",) if a == "90a" else ()):
             assert (f"sm_{a}", k) in seen, (a, k)
 

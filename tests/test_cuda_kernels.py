@@ -132,12 +132,21 @@ def test_long_rows_and_many_tiles(block):
 
 @pytest.mark.parametrize("block", [(32, 32), (64, 64), (16, 128)], ids=str)
 @pytest.mark.parametrize("M", [7, 50])
-def test_decode_split_crosses_block_rows(block, M):
-    """More kept blocks than warps: each warp walks several, across block-row boundaries;
-    M = 50 also takes 4 groups of 16 rows (the last one partial)."""
-    x, W, b = _case(M, 4096, 4096, block, 0.5, torch.bfloat16, bias=True, empty_rows=3)
+@pytest.mark.parametrize("path", ["rows", "split"])
+def test_decode_long_rows_both_paths(path, block, M):
+    """rows: >= SMs/4 block-rows, one CTA per block-row whose warps take turns over dozens of
+    units. split: fewer block-rows and more kept blocks than warps, so each warp walks several,
+    across block-row boundaries. M = 50 also takes 4 groups of 16 rows (the last one partial)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert W.nnzb > 16 * sms  # several blocks per warp (16 warps per SM targeted)
+    bn, bk = block
+    if path == "rows":
+        N, K = 4096, 4096
+    else:  # R = sms/4 - 1 block-rows, long enough for > 16 kept blocks per warp of the split
+        N, K = (sms // 4 - 1) * bn - 3, 160 * bk - 8
+    x, W, b = _case(M, N, K, block, 0.5, torch.bfloat16, bias=True, empty_rows=3)
+    assert (4 * W.grid[0] >= sms) == (path == "rows")
+    if path == "split":
+        assert W.nnzb > 16 * sms  # several blocks per warp (16 warps per SM targeted)
     _check(x, W, b, kernel="decode")
 
 

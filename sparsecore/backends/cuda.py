@@ -11,8 +11,8 @@ Loading ``sparsecore._C`` registers (see ``csrc/sparsecore_ops.cpp``)::
                                                      block_k) -> dvalues [nnzb, BN, BK]
     torch.ops.sparsecore.cuda_has_sm90a() -> bool
 
-``kernel="auto"`` picks ``decode`` (M <= 64, BK >= 32: kept blocks split over all SMs, fp32
-atomics), else ``sm90`` (TMA + wgmma, warp-specialized; compute capability 9.0, built for sm_90a), else
+``kernel="auto"`` picks ``decode`` (M <= 64, BK >= 32: a CTA per block-row, or with fewer
+block-rows than SMs/4 the kept blocks split over all SMs with fp32 atomics), else ``sm90`` (TMA + wgmma, warp-specialized; compute capability 9.0, built for sm_90a), else
 ``sm80`` (mma.sync, any GPU of compute capability >= 8.0). fp16 / bf16, block sides 16..128.
 ``$SPARSECORE_CUDA_KERNEL`` (sm80 | sm90 | decode) forces one for the backend's forward, to
 compare them through the whole stack.

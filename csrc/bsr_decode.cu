@@ -1,10 +1,10 @@
 // Decode forward (M <= 64, BK >= 32): memory-bound, so every kept weight byte is read once
 // from DRAM with 16-byte loads and all SMs get work whatever the row lengths. Two kernels:
 //
-//   bsr_fwd_decode_rows (R >= SMs/4 block-rows: decode_by_rows): one CTA per (block-row, group
-//   of 16 rows of x); its NW warps take the row's units in turn, park their partial sums in
-//   shared memory and sum them in a fixed order: one launch, no workspace, deterministic.
-//   bsr_fwd_decode (fewer block-rows): warps split the global list of units into equal
+//   bsr_fwd_decode_rows (at least one CTA per SM: decode_by_rows): one CTA per (block-row,
+//   group of 16 rows of x); its 8 warps take the row's units in turn, park their partial sums
+//   in shared memory and sum them in a fixed order: one launch, no workspace, deterministic.
+//   bsr_fwd_decode (fewer CTAs than SMs): warps split the global list of units into equal
 //   contiguous ranges (grid.y: groups of 16 rows of x; the groups re-read the same weight
 //   blocks, from L2); partial sums (fp32, rows < M) go to workspace [M, R*BN] with atomicAdd
 //   whenever a warp leaves a block-row; bsr_finalize then writes y = act(workspace + bias).
@@ -141,25 +141,29 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_warps_per_sm<BN>() * 32
 }
 
 
-// One CTA per (block-row r = row_order[blockIdx.x], 16 rows of x from mb = 16*blockIdx.y):
-// warp w takes the row's units w, w + NW, ... (UN per step); then every warp parks its
-// fragments in red[w][16][BN + 8] (padded rows: 2-way bank conflicts at most) and the CTA
-// writes y = act(sum over w in order + bias): no workspace, no atomics, bitwise repeatable.
+// One CTA per (block-row, 16 rows of x); CTA b takes group b % G (G = ceil(M/16) groups, so
+// the groups of one block-row run together and share its weights in L2) of block-row
+// row_order[b / G]. Warp w takes the row's units w, w + NW, ... (UN per step); then every
+// warp parks its fragments in red[w][16][BN + 8] and the CTA writes y = act(sum over w in
+// order + bias): no workspace, no atomics, bitwise repeatable.
 template <int BN> struct DecodeRowsCfg {
-  static constexpr int NW = BN == 128 ? 8 : 16;  // <= 128 registers a thread up to BN = 64
+  static constexpr int NW = 8;
   static constexpr int NT = NW * 32;
+  static constexpr int MIN_BLOCKS = BN == 128 ? 1 : 2;  // 16 warps/SM (<= 128 registers) up to BN = 64
   static constexpr int LDR = BN + 8;
   static constexpr int SMEM = NW * 16 * LDR * 4;
 };
 
 template <typename T, int BN>
-__global__ void __launch_bounds__(DecodeRowsCfg<BN>::NT, 1) bsr_fwd_decode_rows(const BsrParams p) {
+__global__ void __launch_bounds__(DecodeRowsCfg<BN>::NT, DecodeRowsCfg<BN>::MIN_BLOCKS)
+    bsr_fwd_decode_rows(const BsrParams p) {
   using C = DecodeRowsCfg<BN>;
   constexpr int UN = decode_units_per_step<BN>();
   extern __shared__ float red[];
   const int warp = threadIdx.x >> 5;
-  const int r = p.row_order[blockIdx.x];
-  const int mb = blockIdx.y * 16;
+  const int groups = (p.M + 15) / 16;
+  const int r = p.row_order[blockIdx.x / groups];
+  const int mb = (blockIdx.x % groups) * 16;
   const DecodeLane<T> L(p, mb, threadIdx.x & 31);
   const int slice_shift = p.bk_shift - 5;
   const int ub = p.row_ptr[r] << slice_shift, ue = p.row_ptr[r + 1] << slice_shift;
@@ -178,12 +182,10 @@ __global__ void __launch_bounds__(DecodeRowsCfg<BN>::NT, 1) bsr_fwd_decode_rows(
 
   float* mine = red + warp * 16 * C::LDR;
 #pragma unroll
-  for (int q = 0; q < BN / 8; ++q) {
+  for (int q = 0; q < BN / 8; ++q) {  // 8-byte stores: no bank conflict within a half-warp
     const int n = q * 8 + 2 * L.t;
-    mine[L.g * C::LDR + n] = acc[q][0];
-    mine[L.g * C::LDR + n + 1] = acc[q][1];
-    mine[(L.g + 8) * C::LDR + n] = acc[q][2];
-    mine[(L.g + 8) * C::LDR + n + 1] = acc[q][3];
+    *reinterpret_cast<float2*>(mine + L.g * C::LDR + n) = make_float2(acc[q][0], acc[q][1]);
+    *reinterpret_cast<float2*>(mine + (L.g + 8) * C::LDR + n) = make_float2(acc[q][2], acc[q][3]);
   }
   __syncthreads();
   const T* bias = static_cast<const T*>(p.bias);
@@ -223,7 +225,7 @@ cudaError_t launch(const BsrParams& p, int num_sms, cudaStream_t stream) {
 template <typename T, int BN>
 cudaError_t launch_rows(const BsrParams& p, cudaStream_t stream) {
   using C = DecodeRowsCfg<BN>;
-  return launch_smem<C>(bsr_fwd_decode_rows<T, BN>, dim3(p.R, (p.M + 15) / 16), p, stream);
+  return launch_smem<C>(bsr_fwd_decode_rows<T, BN>, dim3(p.R * ((p.M + 15) / 16)), p, stream);
 }
 
 template <typename T>
@@ -241,11 +243,13 @@ cudaError_t launch_bn(const BsrParams& p, int bn, int num_sms, cudaStream_t stre
 }  // namespace
 
 cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream) {
+  if (p.bk_shift < 5) return cudaErrorInvalidValue;  // units are 32-column slices: BK >= 32
   return dt == kFloat16 ? launch_bn<__half>(p, bn, num_sms, stream)
                         : launch_bn<__nv_bfloat16>(p, bn, num_sms, stream);
 }
 
 cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {
+  if (p.bk_shift < 5) return cudaErrorInvalidValue;  // units are 32-column slices: BK >= 32
   return with_side(bn, [&](auto side) {
     constexpr int BN = decltype(side)::value;
     return dt == kFloat16 ? launch_rows<__half, BN>(p, stream) : launch_rows<__nv_bfloat16, BN>(p, stream);

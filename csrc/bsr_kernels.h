@@ -50,12 +50,14 @@ cudaError_t launch_bsr_sm80(const BsrParams& p, DType dt, int bn, cudaStream_t s
 cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 bool bsr_sm90_built();
 
-// Decode (M <= 64, BK >= 32). With at least a quarter as many block-rows as SMs
-// (decode_by_rows): one CTA per block-row (and 16-row group of x), y written directly, no
+// Decode (M <= 64, BK >= 32). With at least one CTA per SM (decode_by_rows: R block-rows x
+// ceil(M/16) groups of x rows): one CTA per block-row and group, y written directly, no
 // workspace. Else warps split the global kept-block list (grid.y: 16-row groups of x), fp32
 // atomics into p.workspace (zeroed); then launch_bsr_finalize writes y = act(ws + bias).
 constexpr int kDecodeMaxM = 64;
-inline bool decode_by_rows(int R, int num_sms) { return 4 * R >= num_sms; }
+inline bool decode_by_rows(int R, int M, int num_sms) {
+  return static_cast<int64_t>(R) * ((M + 15) / 16) >= num_sms;
+}
 cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream);
 cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream);

@@ -24,7 +24,7 @@ CASES = (  # M, N, K, block, dtype
     (70, 64, 100, (16, 16), torch.float16),
     (131, 96, 200, (128, 16), torch.bfloat16),
     (300, 128, 64, (64, 64), torch.bfloat16),  # dW with M cut into ranges (fp32 atomics)
-    (5, 1100, 96, (32, 32), torch.bfloat16),  # 35 block-rows: decode by block-rows (>= SMs/4 on H100)
+    (40, 1450, 96, (32, 32), torch.bfloat16),  # 46 block-rows x 3 row groups >= SMs: decode by rows
 )
 
 

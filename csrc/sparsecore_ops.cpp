@@ -3,8 +3,8 @@
 //   cuda_bsr_linear(x [M, K], values [nnzb, BN, BK], row_ptr, col_idx, block_row, row_order,
 //                   out_features, bias?, activation, kernel) -> y [M, out_features]
 //     kernel: "auto" (decode if M <= 64 and BK >= 32, else sm90 on compute capability 9.0
-//             when built for sm_90a, else sm80) | "sm80" | "sm90" | "decode" (by block-rows when there
-//             are >= SMs/4 of them, else split over all SMs + finalize)
+//             when built for sm_90a, else sm80) | "sm80" | "sm90" | "decode" (a CTA per block-row
+//             and 16 rows of x when that makes >= one CTA per SM, else split over all SMs + finalize)
 //   cuda_bsr_linear_grad_input(dy [M, N], values, col_ptr, row_idx, t_perm, in_features)
 //                   -> dx [M, in_features]            (dX = dY @ W, CSC metadata)
 //   cuda_bsr_linear_grad_weight(dy [M, N], x [M, K], block_row, col_idx, block_n, block_k)
@@ -192,7 +192,7 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   if (which == "decode") {
     TORCH_CHECK(decode_ok, "cuda_bsr_linear: kernel: 'decode' expects M <= ", kDecodeMaxM,
                 " and BK >= 32, got M=", M, ", BK=", bk);
-    if (decode_by_rows(p.R, info.sms)) {  // one launch, y written directly
+    if (decode_by_rows(p.R, p.M, info.sms)) {  // one launch, y written directly
       C10_CUDA_CHECK(launch_bsr_decode_rows(p, dt, static_cast<int>(bn), stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {  // few block-rows: split the kept blocks over all SMs, reduce through a workspace

@@ -134,20 +134,37 @@ def test_long_rows_and_many_tiles(block):
 @pytest.mark.parametrize("M", [7, 50])
 @pytest.mark.parametrize("path", ["rows", "split"])
 def test_decode_long_rows_both_paths(path, block, M):
-    """rows: >= SMs/4 block-rows, one CTA per block-row whose warps take turns over dozens of
-    units. split: fewer block-rows and more kept blocks than warps, so each warp walks several,
-    across block-row boundaries. M = 50 also takes 4 groups of 16 rows (the last one partial)."""
+    """rows: a CTA per block-row (and 16 rows of x), at least one per SM, whose 8 warps take
+    turns over dozens of units. split: fewer CTAs than SMs and more kept blocks than warps, so
+    each warp walks several, across block-row boundaries. M = 50 takes 4 groups of 16 rows."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bn, bk = block
+    groups = -(-M // 16)
     if path == "rows":
-        N, K = 4096, 4096
-    else:  # R = sms/4 - 1 block-rows, long enough for > 16 kept blocks per warp of the split
-        N, K = (sms // 4 - 1) * bn - 3, 160 * bk - 8
+        N, K = (-(-sms // groups) + 3) * bn - 3, 32 * bk - 8
+    else:  # sms/4 - 2 block-rows (x 4 groups < sms), long enough for > 16 kept blocks per warp
+        N, K = (sms // 4 - 2) * bn - 3, 180 * bk - 8
     x, W, b = _case(M, N, K, block, 0.5, torch.bfloat16, bias=True, empty_rows=3)
-    assert (4 * W.grid[0] >= sms) == (path == "rows")
+    assert (W.grid[0] * groups >= sms) == (path == "rows")
     if path == "split":
         assert W.nnzb > 16 * sms  # several blocks per warp (16 warps per SM targeted)
     _check(x, W, b, kernel="decode")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [(16, 32), (32, 32), (64, 64), (128, 128), (128, 32), (64, 128)], ids=str)
+@pytest.mark.parametrize("M", [1, 17, 64])
+def test_decode_by_rows_shape_classes(M, block, dtype):
+    """Enough block-rows for a CTA per SM (the per-row decode kernel): N tail, K % 8 != 0, an
+    empty block-row, bias or none, each activation, density 0 (no kept block) and 1."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bn, bk = block
+    groups = -(-M // 16)
+    N, K = (-(-sms // groups) + 1) * bn + bn // 2 + 1, 3 * bk + 13
+    for density, bias, act in ((0.6, True, "none"), (0.6, False, "gelu"), (0.0, True, "silu"), (1.0, True, "relu")):
+        x, W, b = _case(M, N, K, block, density, dtype, bias=bias, empty_rows=1 if 0 < density < 1 else 0)
+        assert W.grid[0] * groups >= sms
+        _check(x, W, b, act, kernel="decode")
 
 
 def test_unaligned_and_strided_x():

@@ -80,17 +80,17 @@ if ! stage install 150 "$LOGS/install.log" \
 fi
 "$PY" -m sparsecore.cli info 2>&1 | tee "$LOGS/info.log"
 
-# 2. the CUDA kernels against the float64 oracle (no JIT: seconds), so a broken kernel shows
+# 2. the CUDA kernels against the float64 oracle (no JIT; 4 workers prepare the cases), so a broken kernel shows
 # before the benchmark spends its time. The sm90a kernel first, in a process of its own (a
 # trap there ends its CUDA context); if it fails, everything after runs with sm80.
 FWD_TESTS="every_kernel or k_multiple or density_extremes or fused_bias or long_rows or unaligned"
 if ! stage gpu-sm90 45 "$LOGS/pytest_gpu_sm90.log" env SPARSECORE_TEST_KERNELS=sm90 \
-        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -k "$FWD_TESTS" tests/test_cuda_kernels.py; then
+        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 -k "$FWD_TESTS" tests/test_cuda_kernels.py; then
     export SPARSECORE_CUDA_KERNEL=sm80 SPARSECORE_TEST_KERNELS=sm80,decode
     SUMMARY+=("(sm90 kernel failed: the tests and the benchmark below run with SPARSECORE_CUDA_KERNEL=sm80)")
 fi
 stage gpu-cuda 60 "$LOGS/pytest_gpu_cuda.log" env SPARSECORE_TEST_KERNELS=sm80,decode \
-    "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_cuda_kernels.py
+    "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 tests/test_cuda_kernels.py
 
 # 3. benchmark (the deliverable); rows stream to bench.csv, so a timeout keeps them
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags

@@ -83,6 +83,18 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// acc[mi][2nj], acc[mi][2nj + 1] += a[mi] @ the two n8 halves of one 16-wide B slab
+// (b[0..1]: n 0-7, b[2..3]: n 8-15), for every m16 tile mi of the warp.
+template <typename T, int MI, int NI>
+__device__ __forceinline__ void mma_slab(float (&acc)[MI][NI][4], const uint32_t (&a)[MI][4], const uint32_t (&b)[4],
+                                         int nj) {
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+    mma16816<T>(acc[mi][2 * nj], a[mi], b[0], b[1]);
+    mma16816<T>(acc[mi][2 * nj + 1], a[mi], b[2], b[3]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // K-chunks. The kept blocks of one block-row, laid side by side, form a "virtual K" of
 // nb*BK columns (v = i*BK + k: column k of the row's i-th kept block). Prefill kernels

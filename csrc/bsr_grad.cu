@@ -22,6 +22,14 @@ namespace {
 __device__ __forceinline__ uint32_t panel_off(int row, int cp) {
   return static_cast<uint32_t>((cp >> 3) * 8192) + swz(row, cp & 7);
 }
+
+// B fragments of one 16-wide n slab (panel column pieces cp0, cp0 + 1) at k16 step kk, from a
+// panel stored [k][n]: matrices (n 0-7, k 0-7) (n 0-7, k 8-15) (n 8-15, k 0-7) (n 8-15, k 8-15)
+// via ldmatrix.trans.
+__device__ __forceinline__ void load_b_slab_trans(uint32_t (&b)[4], uint32_t sB, int kk, int cp0, int lane) {
+  ldmatrix_x4_trans(b, sB + panel_off(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), cp0 + (lane >> 4)));
+}
+
 constexpr int panel_bytes(int cols) { return (cols >= 64 ? cols / 64 : 1) * 8192; }
 
 // Copy a [64][W] tile of a row-major matrix: rows row0 .., columns col0 .. col0+W; rows >= rows_ok
@@ -131,15 +139,9 @@ __global__ void __launch_bounds__(DxCfg<BK>::NT) bsr_dx_sm80(const BsrDxParams p
         ldmatrix_x4(a[mi], sA + swz(wm * 32 + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
       for (int nj = 0; nj < C::NI / 2; ++nj) {
-        // matrices (u 0-7, k 0-7) (u 8-15, k 0-7) (u 0-7, k 8-15) (u 8-15, k 8-15), transposed
         uint32_t b[4];
-        const int cp = ((wn * C::WN + nj * 16) >> 3) + (lane >> 4);
-        ldmatrix_x4_trans(b, sB + panel_off(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), cp));
-#pragma unroll
-        for (int mi = 0; mi < C::MI; ++mi) {
-          mma16816<T>(acc[mi][2 * nj], a[mi], b[0], b[1]);
-          mma16816<T>(acc[mi][2 * nj + 1], a[mi], b[2], b[3]);
-        }
+        load_b_slab_trans(b, sB, kk, (wn * C::WN + nj * 16) >> 3, lane);
+        mma_slab<T>(acc, a, b, nj);
       }
     }
   }
@@ -220,13 +222,8 @@ __global__ void __launch_bounds__(DwCfg<BN, BK>::NT) bsr_dw_sm80(const BsrDwPara
 #pragma unroll
       for (int nj = 0; nj < C::NI / 2; ++nj) {
         uint32_t b[4];
-        const int cp = ((wn * C::WN + nj * 16) >> 3) + (lane >> 4);
-        ldmatrix_x4_trans(b, sB + panel_off(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), cp));
-#pragma unroll
-        for (int mi = 0; mi < C::MI; ++mi) {
-          mma16816<T>(acc[mi][2 * nj], a[mi], b[0], b[1]);
-          mma16816<T>(acc[mi][2 * nj + 1], a[mi], b[2], b[3]);
-        }
+        load_b_slab_trans(b, sB, kk, (wn * C::WN + nj * 16) >> 3, lane);
+        mma_slab<T>(acc, a, b, nj);
       }
     }
   }

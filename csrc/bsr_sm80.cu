@@ -68,11 +68,7 @@ __global__ void __launch_bounds__(Sm80Cfg<BN>::NT) bsr_fwd_sm80(const BsrParams 
         // matrices: (n 0-7, k 0-7) (n 0-7, k 8-15) (n 8-15, k 0-7) (n 8-15, k 8-15)
         uint32_t b[4];
         ldmatrix_x4(b, sB + swz(wn * C::WN + nj * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-        for (int mi = 0; mi < C::MI; ++mi) {
-          mma16816<T>(acc[mi][2 * nj], a[mi], b[0], b[1]);
-          mma16816<T>(acc[mi][2 * nj + 1], a[mi], b[2], b[3]);
-        }
+        mma_slab<T>(acc, a, b, nj);
       }
     }
   }

@@ -1,13 +1,16 @@
 // Decode forward (M <= 64, BK >= 32): memory-bound, so every kept weight byte is read once
 // from DRAM with 16-byte loads and all SMs get work whatever the row lengths. Two kernels:
 //
-//   bsr_fwd_decode_rows (at least one CTA per SM: decode_by_rows): one CTA per (block-row,
-//   group of 16 rows of x); its 8 warps take the row's units in turn, park their partial sums
-//   in shared memory and sum them in a fixed order: one launch, no workspace, deterministic.
-//   bsr_fwd_decode (fewer CTAs than SMs): warps split the global list of units into equal
-//   contiguous ranges (grid.y: groups of 16 rows of x; the groups re-read the same weight
-//   blocks, from L2); partial sums (fp32, rows < M) go to workspace [M, R*BN] with atomicAdd
-//   whenever a warp leaves a block-row; bsr_finalize then writes y = act(workspace + bias).
+//   bsr_fwd_decode_rows (one launch, no workspace, bitwise repeatable): one cluster of S CTAs
+//   per (block-row, group of 16 rows of x); the S x 8 warps take the row's units in turn and
+//   park their partial sums in shared memory; each CTA sums its warps, then (S > 1, sm_90
+//   clusters) the CTAs of the cluster sum the S partial tiles through distributed shared
+//   memory, in rank order. S (decode_split) is 1 when R x groups >= #SMs, else up to 8.
+//   bsr_fwd_decode (no clusters, and too few block-rows for the SMs: pre-sm_90 GPUs): warps
+//   split the global list of units into equal contiguous ranges (grid.y: groups of 16 rows of
+//   x; the groups re-read the same weight blocks, from L2); partial sums (fp32, rows < M) go to
+//   workspace [M, R*BN] with atomicAdd whenever a warp leaves a block-row; bsr_finalize then
+//   writes y = act(workspace + bias).
 //
 //   A unit is a 32-column slice of a kept block (BSR order, a block's slices in a row):
 //     lane (g = lane/4, t = lane%4) loads 16 B of x rows mb+g and mb+g+8 at columns 8t..8t+7,
@@ -17,6 +20,8 @@
 //   product does not care): phys column 8t+e (e < 8) is logical  2t + (e&1) + 8*((e>>1)&1)
 //   of mma (e >> 2). So one 16-byte load is exactly a lane's B fragment of two mmas.
 //   For BN <= 32 a warp takes two units per step, all their loads issued before any mma.
+#include <cooperative_groups.h>
+
 #include "bsr_common.cuh"
 
 namespace sparsecore {
@@ -141,11 +146,16 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_warps_per_sm<BN>() * 32
 }
 
 
-// One CTA per (block-row, 16 rows of x); CTA b takes group b % G (G = ceil(M/16) groups, so
-// the groups of one block-row run together and share its weights in L2) of block-row
-// row_order[b / G]. Warp w takes the row's units w, w + NW, ... (UN per step); then every
-// warp parks its fragments in red[w][16][BN + 8] and the CTA writes y = act(sum over w in
-// order + bias): no workspace, no atomics, bitwise repeatable.
+// One cluster of S CTAs (S = `split`, 1..8; a plain launch when 1) per (block-row, 16 rows of
+// x); cluster c takes group c % G (G = ceil(M/16) groups, so the groups of one block-row run
+// together and share its weights in L2) of block-row row_order[c / G]. Warp w of CTA rank s
+// takes the row's units s*8 + w, + 8S, ... (UN per step). Every warp parks its fragments in
+// red[w][16][BN + 8]; the CTA sums them in warp order into red[0]; with S > 1 rank s then
+// sums red[0] of ranks 0..S-1 (distributed shared memory) for its share of the tile:
+//
+//     tile element idx (row idx / BN, column idx % BN): rank (idx / NT) % S, thread idx % NT
+//
+// and writes y = act(sum + bias): no workspace, no atomics, bitwise repeatable.
 template <int BN> struct DecodeRowsCfg {
   static constexpr int NW = 8;
   static constexpr int NT = NW * 32;
@@ -156,28 +166,30 @@ template <int BN> struct DecodeRowsCfg {
 
 template <typename T, int BN>
 __global__ void __launch_bounds__(DecodeRowsCfg<BN>::NT, DecodeRowsCfg<BN>::MIN_BLOCKS)
-    bsr_fwd_decode_rows(const BsrParams p) {
+    bsr_fwd_decode_rows(const BsrParams p, int split) {
   using C = DecodeRowsCfg<BN>;
   constexpr int UN = decode_units_per_step<BN>();
   extern __shared__ float red[];
   const int warp = threadIdx.x >> 5;
   const int groups = (p.M + 15) / 16;
-  const int r = p.row_order[blockIdx.x / groups];
-  const int mb = (blockIdx.x % groups) * 16;
+  const int c = blockIdx.x / split, rank = blockIdx.x % split;  // a cluster's CTAs are consecutive
+  const int r = p.row_order[c / groups];
+  const int mb = (c % groups) * 16;
   const DecodeLane<T> L(p, mb, threadIdx.x & 31);
   const int slice_shift = p.bk_shift - 5;
   const int ub = p.row_ptr[r] << slice_shift, ue = p.row_ptr[r + 1] << slice_shift;
+  const int stride = split * C::NW;  // warps of the cluster
 
   float acc[BN / 8][4] = {};
 #pragma unroll 1
-  for (int u = ub + warp; u < ue; u += C::NW * UN) {
+  for (int u = ub + rank * C::NW + warp; u < ue; u += stride * UN) {
     UnitRegs<BN> un[UN];
 #pragma unroll
     for (int w = 0; w < UN; ++w)
-      if (w == 0 || u + w * C::NW < ue) load_unit<T, BN>(p, L, u + w * C::NW, un[w]);
+      if (w == 0 || u + w * stride < ue) load_unit<T, BN>(p, L, u + w * stride, un[w]);
 #pragma unroll
     for (int w = 0; w < UN; ++w)
-      if (w == 0 || u + w * C::NW < ue) mma_unit<T, BN>(un[w], acc);
+      if (w == 0 || u + w * stride < ue) mma_unit<T, BN>(un[w], acc);
   }
 
   float* mine = red + warp * 16 * C::LDR;
@@ -189,15 +201,35 @@ __global__ void __launch_bounds__(DecodeRowsCfg<BN>::NT, DecodeRowsCfg<BN>::MIN_
   }
   __syncthreads();
   const T* bias = static_cast<const T*>(p.bias);
-  for (int idx = threadIdx.x; idx < 16 * BN; idx += C::NT) {
+  auto write = [&](int idx, float z) {
     const int m = mb + idx / BN, n = r * BN + idx % BN;
-    if (m >= p.M || n >= p.N) continue;
-    float z = 0.f;
-#pragma unroll
-    for (int w = 0; w < C::NW; ++w) z += red[(w * 16 + idx / BN) * C::LDR + idx % BN];
+    if (m >= p.M || n >= p.N) return;
     if (bias) z += Elem<T>::to_float(bias[n]);
     static_cast<T*>(p.y)[static_cast<int64_t>(m) * p.N + n] = Elem<T>::from_float(activate(z, p.activation));
+  };
+  for (int idx = threadIdx.x; idx < 16 * BN; idx += C::NT) {  // this CTA's sum over its warps
+    const int at = (idx / BN) * C::LDR + idx % BN;
+    float z = 0.f;
+#pragma unroll
+    for (int w = 0; w < C::NW; ++w) z += red[w * 16 * C::LDR + at];
+    if (split == 1) write(idx, z);
+    else red[at] = z;  // slot 0: only this thread reads or writes element `at`
   }
+  if (split == 1) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // release / acquire: every CTA's red[0] is final and visible cluster-wide
+  for (int idx = rank * C::NT + threadIdx.x; idx < 16 * BN; idx += split * C::NT) {
+    const int at = (idx / BN) * C::LDR + idx % BN;
+    float z = 0.f;
+    for (int j = 0; j < split; ++j) z += cluster.map_shared_rank(red, j)[at];
+    write(idx, z);
+  }
+  cluster.sync();  // no CTA leaves (freeing its shared memory) while another still reads it
+#else
+  __trap();  // split > 1 needs sm_90 clusters; the launcher checks the binary first
+#endif
 }
 
 // y[m, n] = act(workspace[m, n] + bias[n]) for n < N; one thread per output element.
@@ -222,10 +254,28 @@ cudaError_t launch(const BsrParams& p, int num_sms, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// split > 1 launches clusters of `split` CTAs, which only an sm_90+ binary of the kernel has.
 template <typename T, int BN>
-cudaError_t launch_rows(const BsrParams& p, cudaStream_t stream) {
+cudaError_t launch_rows(const BsrParams& p, int split, cudaStream_t stream) {
   using C = DecodeRowsCfg<BN>;
-  return launch_smem<C>(bsr_fwd_decode_rows<T, BN>, dim3(p.R * ((p.M + 15) / 16)), p, stream);
+  const auto kernel = bsr_fwd_decode_rows<T, BN>;
+  if (split > 1 && (split > kDecodeMaxSplit || !bsr_decode_clusters())) return cudaErrorInvalidConfiguration;
+  cudaError_t err;
+  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM)) != cudaSuccess)
+    return err;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = split;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.R) * ((p.M + 15) / 16) * split);
+  cfg.blockDim = dim3(C::NT);
+  cfg.dynamicSmemBytes = C::SMEM;
+  cfg.stream = stream;
+  cfg.attrs = &cluster;
+  cfg.numAttrs = split > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, p, split);
 }
 
 template <typename T>
@@ -248,12 +298,18 @@ cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms,
                         : launch_bn<__nv_bfloat16>(p, bn, num_sms, stream);
 }
 
-cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {
+cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, int split, cudaStream_t stream) {
   if (p.bk_shift < 5) return cudaErrorInvalidValue;  // units are 32-column slices: BK >= 32
   return with_side(bn, [&](auto side) {
     constexpr int BN = decltype(side)::value;
-    return dt == kFloat16 ? launch_rows<__half, BN>(p, stream) : launch_rows<__nv_bfloat16, BN>(p, stream);
+    return dt == kFloat16 ? launch_rows<__half, BN>(p, split, stream)
+                          : launch_rows<__nv_bfloat16, BN>(p, split, stream);
   });
+}
+
+bool bsr_decode_clusters() {
+  cudaFuncAttributes fa{};
+  return cudaFuncGetAttributes(&fa, bsr_fwd_decode_rows<__half, 64>) == cudaSuccess && fa.binaryVersion >= 90;
 }
 
 cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {

@@ -50,15 +50,27 @@ cudaError_t launch_bsr_sm80(const BsrParams& p, DType dt, int bn, cudaStream_t s
 cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 bool bsr_sm90_built();
 
-// Decode (M <= 64, BK >= 32). With at least one CTA per SM (decode_by_rows: R block-rows x
-// ceil(M/16) groups of x rows): one CTA per block-row and group, y written directly, no
-// workspace. Else warps split the global kept-block list (grid.y: 16-row groups of x), fp32
-// atomics into p.workspace (zeroed); then launch_bsr_finalize writes y = act(ws + bias).
+// Decode (M <= 64, BK >= 32): decode_split() picks the kernel. S >= 1: bsr_fwd_decode_rows,
+// one cluster of S CTAs per block-row and 16-row group of x, y written directly, no workspace
+// (S > 1 needs sm_90 clusters). 0: warps split the global kept-block list (grid.y: 16-row
+// groups of x), fp32 atomics into p.workspace (zeroed), then launch_bsr_finalize writes
+// y = act(ws + bias).
 constexpr int kDecodeMaxM = 64;
-inline bool decode_by_rows(int R, int M, int num_sms) {
-  return static_cast<int64_t>(R) * ((M + 15) / 16) >= num_sms;
+constexpr int kDecodeMaxSplit = 8;  // portable cluster size
+// ctas = R x ceil(M/16). S = 1 when ctas >= #SMs. Else, with clusters, the smallest power of
+// two S <= 8 with ctas x S >= #SMs, stopping once the cluster's S x 8 warps reach a block-row's
+// mean number of 32-column units; 0 without clusters, or when even S = 8 would leave more than
+// half the SMs idle.
+inline int decode_split(int R, int M, int64_t units, int num_sms, bool clusters) {
+  const int64_t ctas = static_cast<int64_t>(R) * ((M + 15) / 16);
+  if (ctas >= num_sms) return 1;
+  if (!clusters || 2 * kDecodeMaxSplit * ctas < num_sms) return 0;
+  int s = 1;
+  while (s < kDecodeMaxSplit && ctas * s < num_sms && 8LL * s * R < units) s *= 2;
+  return s;
 }
-cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
+cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, int split, cudaStream_t stream);
+bool bsr_decode_clusters();  // the current device runs an sm_90+ binary of bsr_fwd_decode_rows
 cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream);
 cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 

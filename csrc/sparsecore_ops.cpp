@@ -3,13 +3,16 @@
 //   cuda_bsr_linear(x [M, K], values [nnzb, BN, BK], row_ptr, col_idx, block_row, row_order,
 //                   out_features, bias?, activation, kernel) -> y [M, out_features]
 //     kernel: "auto" (decode if M <= 64 and BK >= 32, else sm90 on compute capability 9.0
-//             when built for sm_90a, else sm80) | "sm80" | "sm90" | "decode" (a CTA per block-row
-//             and 16 rows of x when that makes >= one CTA per SM, else split over all SMs + finalize)
+//             when built for sm_90a, else sm80) | "sm80" | "sm90" | "decode" (a cluster of
+//             1..8 CTAs per block-row and 16 rows of x, one launch; on GPUs without clusters and
+//             fewer such CTAs than SMs, the kept blocks split over all SMs + finalize)
 //   cuda_bsr_linear_grad_input(dy [M, N], values, col_ptr, row_idx, t_perm, in_features)
 //                   -> dx [M, in_features]            (dX = dY @ W, CSC metadata)
 //   cuda_bsr_linear_grad_weight(dy [M, N], x [M, K], block_row, col_idx, block_n, block_k)
 //                   -> dvalues [nnzb, BN, BK]          (dY^T X on the kept blocks only)
 //   cuda_has_sm90a() -> bool   (the build contains the sm_90a wgmma kernel)
+//   cuda_decode_split(device, M, block_rows, nnzb, block_k) -> int   (the decode plan there:
+//                   cluster size of the per-row kernel, or 0 for the split kernel + finalize)
 //
 // Importing the module `sparsecore._C` (a plain CPython module with no functions) runs the
 // registrations below.
@@ -92,6 +95,7 @@ int64_t check_inputs(const Tensor& x, const Tensor& values, const Tensor& row_pt
 
 struct DeviceInfo {
   int major = 0, minor = 0, sms = 0;
+  bool clusters = false;  // the decode kernel runs as an sm_90+ binary here (thread block clusters)
 };
 
 const DeviceInfo& device_info(int dev) {
@@ -102,6 +106,8 @@ const DeviceInfo& device_info(int dev) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev].major, cudaDevAttrComputeCapabilityMajor, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev].minor, cudaDevAttrComputeCapabilityMinor, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev].sms, cudaDevAttrMultiProcessorCount, dev));
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(dev));
+    cache[dev].clusters = cache[dev].major >= 9 && bsr_decode_clusters();
   });
   return cache[dev];
 }
@@ -192,10 +198,12 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   if (which == "decode") {
     TORCH_CHECK(decode_ok, "cuda_bsr_linear: kernel: 'decode' expects M <= ", kDecodeMaxM,
                 " and BK >= 32, got M=", M, ", BK=", bk);
-    if (decode_by_rows(p.R, p.M, info.sms)) {  // one launch, y written directly
-      C10_CUDA_CHECK(launch_bsr_decode_rows(p, dt, static_cast<int>(bn), stream));
+    const int split = decode_split(p.R, p.M, static_cast<int64_t>(p.nnzb) << (p.bk_shift - 5), info.sms,
+                                   info.clusters);
+    if (split > 0) {  // one launch, y written directly
+      C10_CUDA_CHECK(launch_bsr_decode_rows(p, dt, static_cast<int>(bn), split, stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {  // few block-rows: split the kept blocks over all SMs, reduce through a workspace
+    } else {  // few block-rows and no clusters: split the kept blocks over all SMs, reduce through a workspace
       Tensor ws = at::zeros({M, R * bn}, x.options().dtype(at::kFloat));
       p.workspace = ws.data_ptr<float>();
       if (p.nnzb > 0) {
@@ -361,6 +369,16 @@ Tensor grad_weight_meta(const Tensor& dy, const Tensor& x, const Tensor& block_r
 
 bool has_sm90a() { return bsr_sm90_built(); }
 
+int64_t decode_plan(int64_t device, int64_t M, int64_t R, int64_t nnzb, int64_t block_k) {
+  TORCH_CHECK(M >= 1 && M <= kDecodeMaxM && is_block_side(block_k) && block_k >= 32 && R >= 0 && R < INT_MAX &&
+                  nnzb >= 0 && nnzb < INT_MAX,
+              "cuda_decode_split: expected 1 <= M <= ", kDecodeMaxM, ", block_k in {32, 64, 128}, 0 <= block_rows, "
+              "nnzb < 2^31, got M=", M, ", block_rows=", R, ", nnzb=", nnzb, ", block_k=", block_k);
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const DeviceInfo& info = device_info(static_cast<int>(device));
+  return decode_split(static_cast<int>(R), static_cast<int>(M), nnzb * (block_k / 32), info.sms, info.clusters);
+}
+
 }  // namespace
 }  // namespace sparsecore
 
@@ -376,6 +394,8 @@ TORCH_LIBRARY_FRAGMENT(sparsecore, m) {
       "cuda_bsr_linear_grad_weight(Tensor dy, Tensor x, Tensor block_row, Tensor col_idx, SymInt block_n, "
       "SymInt block_k) -> Tensor");
   m.def("cuda_has_sm90a() -> bool", &sparsecore::has_sm90a);
+  m.def("cuda_decode_split(int device, int M, int block_rows, int nnzb, int block_k) -> int",
+        &sparsecore::decode_plan);
 }
 
 TORCH_LIBRARY_IMPL(sparsecore, CUDA, m) {

@@ -230,6 +230,8 @@ def test_sass_uses_tensor_cores():
                 assert op in body, f"{arch} {name}: no {op}"
         elif base in ("bsr_fwd_decode", "bsr_fwd_decode_rows"):  # 16-byte loads + mma.sync
             assert "HMMA.16816.F32" in body and "LDG.E.128" in body, f"{arch} {name}"
+            if base == "bsr_fwd_decode_rows" and arch == "sm_90a":  # the cluster reduction's barriers
+                assert "UCGABAR_ARV" in body and "UCGABAR_WAIT" in body, f"{name}: no cluster barrier"
         elif base == "bsr_fwd_sm90" and arch == "sm_90a":
             assert re.search(r"HGMMA\.64x\d+x16\.F32", body), f"{name}: no HGMMA"
             # TMA tile loads completing on mbarriers, waited on by the consumer warpgroups

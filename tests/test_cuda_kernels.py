@@ -130,40 +130,61 @@ def test_long_rows_and_many_tiles(block):
         _check(x, W, b, kernel=kernel)
 
 
+def _decode_plan(M, W):
+    return torch.ops.sparsecore.cuda_decode_split(0, M, W.grid[0], W.nnzb, W.block[1])
+
+
+def _block_rows_for(split, groups, sms):
+    """Block-rows R whose decode plan is `split` CTAs per cluster (rows long enough: > 8*split units)."""
+    return -(-sms // groups) + 3 if split == 1 else -(-(-(-sms // split)) // groups)
+
+
 @pytest.mark.parametrize("block", [(32, 32), (64, 64), (16, 128)], ids=str)
 @pytest.mark.parametrize("M", [7, 50])
-@pytest.mark.parametrize("path", ["rows", "split"])
-def test_decode_long_rows_both_paths(path, block, M):
+@pytest.mark.parametrize("path", ["rows", "cluster", "split"])
+def test_decode_long_rows_every_path(path, block, M):
     """rows: a CTA per block-row (and 16 rows of x), at least one per SM, whose 8 warps take
-    turns over dozens of units. split: fewer CTAs than SMs and more kept blocks than warps, so
-    each warp walks several, across block-row boundaries. M = 50 takes 4 groups of 16 rows."""
+    turns over dozens of units. cluster: fewer block-rows than SMs, each taken by a cluster of
+    4 CTAs (sm_90) that reduce through distributed shared memory. split: so few block-rows that
+    even clusters of 8 leave most SMs idle: the warps split the kept-block list, each walking
+    several blocks across block-row boundaries. M = 50 takes 4 groups of 16 rows."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bn, bk = block
     groups = -(-M // 16)
-    if path == "rows":
-        N, K = (-(-sms // groups) + 3) * bn - 3, 32 * bk - 8
-    else:  # sms/4 - 2 block-rows (x 4 groups < sms), long enough for > 16 kept blocks per warp
-        N, K = (sms // 4 - 2) * bn - 3, 180 * bk - 8
-    x, W, b = _case(M, N, K, block, 0.5, torch.bfloat16, bias=True, empty_rows=3)
-    assert (W.grid[0] * groups >= sms) == (path == "rows")
+    if path == "split":  # 16 R groups < sms; > 16 units (32 columns of a block) per warp of 16 per SM
+        R = max(1, (sms - 1) // (16 * groups))
+        K = (-(-64 * sms * 32 // (bk * max(1, R - 1))) + 8) * bk - 8
+    else:
+        R, K = _block_rows_for(1 if path == "rows" else 4, groups, sms), 100 * bk - 8
+    x, W, b = _case(M, R * bn - 3, K, block, 0.5, torch.bfloat16, bias=True, empty_rows=min(3, R - 1))
+    plan = _decode_plan(M, W)
+    if path == "cluster" and plan == 0:
+        pytest.skip("no thread block clusters here (the split kernel serves)")
+    assert plan == {"rows": 1, "cluster": 4, "split": 0}[path]
     if path == "split":
-        assert W.nnzb > 16 * sms  # several blocks per warp (16 warps per SM targeted)
+        assert W.nnzb * bk // 32 > 16 * sms
+    else:  # one launch, sums in a fixed order: bitwise repeatable
+        assert torch.equal(_run(x, W, b, kernel="decode"), _run(x, W, b, kernel="decode"))
     _check(x, W, b, kernel="decode")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block", [(16, 32), (32, 32), (64, 64), (128, 128), (128, 32), (64, 128)], ids=str)
 @pytest.mark.parametrize("M", [1, 17, 64])
-def test_decode_by_rows_shape_classes(M, block, dtype):
-    """Enough block-rows for a CTA per SM (the per-row decode kernel): N tail, K % 8 != 0, an
-    empty block-row, bias or none, each activation, density 0 (no kept block) and 1."""
+@pytest.mark.parametrize("split", [1, 2, 8])
+def test_decode_by_rows_shape_classes(split, M, block, dtype):
+    """The per-row decode kernel, alone (split 1) or in clusters of 2 and 8 CTAs: N tail,
+    K % 8 != 0, an empty block-row, bias or none, each activation, density 0 and 1."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bn, bk = block
-    groups = -(-M // 16)
-    N, K = (-(-sms // groups) + 1) * bn + bn // 2 + 1, 3 * bk + 13
+    R = _block_rows_for(split, -(-M // 16), sms)
+    N, K = R * bn - bn // 2 + 1, 100 * bk + 13
     for density, bias, act in ((0.6, True, "none"), (0.6, False, "gelu"), (0.0, True, "silu"), (1.0, True, "relu")):
         x, W, b = _case(M, N, K, block, density, dtype, bias=bias, empty_rows=1 if 0 < density < 1 else 0)
-        assert W.grid[0] * groups >= sms
+        plan = _decode_plan(M, W)
+        if split > 1 and plan == 0:
+            pytest.skip("no thread block clusters here")
+        assert plan == (1 if density == 0 else split)  # no units: nothing to split
         _check(x, W, b, act, kernel="decode")
 
 

@@ -10,9 +10,13 @@ Loading ``sparsecore._C`` registers (see ``csrc/sparsecore_ops.cpp``)::
     torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, block_row, col_idx, block_n,
                                                      block_k) -> dvalues [nnzb, BN, BK]
     torch.ops.sparsecore.cuda_has_sm90a() -> bool
+    torch.ops.sparsecore.cuda_decode_split(device, M, block_rows, nnzb, block_k) -> int
+                                       (decode plan: CTAs per cluster, 0 = split kernel)
 
-``kernel="auto"`` picks ``decode`` (M <= 64, BK >= 32: a CTA per block-row, or with fewer
-block-rows than SMs/4 the kept blocks split over all SMs with fp32 atomics), else ``sm90`` (TMA + wgmma, warp-specialized; compute capability 9.0, built for sm_90a), else
+``kernel="auto"`` picks ``decode`` (M <= 64, BK >= 32: a CTA, or on compute capability >= 9.0 a
+cluster of up to 8 CTAs, per block-row and 16 rows of x; on older GPUs with fewer of those
+than SMs the kept blocks split over all SMs with fp32 atomics), else ``sm90`` (TMA + wgmma,
+warp-specialized; compute capability 9.0, built for sm_90a), else
 ``sm80`` (mma.sync, any GPU of compute capability >= 8.0). fp16 / bf16, block sides 16..128.
 ``$SPARSECORE_CUDA_KERNEL`` (sm80 | sm90 | decode) forces one for the backend's forward, to
 compare them through the whole stack.

@@ -44,7 +44,8 @@ struct BsrParams {
 cudaError_t launch_bsr_sm80(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 
 // sm90a prefill: TMA loads on mbarriers from a producer warp, wgmma.mma_async in 2 consumer
-// warpgroups (m64 each). Tile 128 x BN. Only for compute capability 9.0, and only when built
+// warpgroups. Tile 256 x BN for BN >= 64 (BN = 64: weights as wgmma's M), else 128 x BN.
+// Only for compute capability 9.0, and only when built
 // for sm_90a (bsr_sm90_built()). Encodes two tensor maps per call (x and values; returns
 // cudaErrorSymbolNotFound if the driver lacks cuTensorMapEncodeTiled).
 cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, cudaStream_t stream);

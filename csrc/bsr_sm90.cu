@@ -7,8 +7,9 @@
 //         + 1 producer warp (warp 8: one thread issues every TMA load) = 288 threads
 //   loop  over the 64-column K-chunks of r (see bsr_common.cuh), a STAGES-deep ring:
 //         producer: wait empty[s] -> live[s], expect_tx(full[s]) -> TMA x and values pieces
-//         consumers: wait full[s] -> 4 k16 steps (x MT m64 tiles) of wgmma -> keep one group in
-//                    flight -> release the previous chunk's stage (arrive on its empty barrier)
+//         consumers: wait full[s] -> 4 k16 steps of wgmma (m64 tiles of x rows x BN, or with
+//                    SWAP the block's 64 rows x 128 x rows) -> keep one group in flight ->
+//                    release the previous chunk's stage (arrive on its empty barrier)
 //
 //   A chunk is G = 64 / KC pieces, KC = min(BK, 64) columns each (BK = 128: one piece, half
 //   a block; BK = 16: four blocks). Shared memory, per stage (1024-byte aligned pieces):
@@ -27,7 +28,9 @@
 //
 //     [ stage 0 | ... | stage S-1 | zeros [max(64, BN)][64] | full[S] | empty[S] | live[S] ]
 //
-//   wgmma:  D[m, n] += A[m, k] * B[n, k]  (both operands K-major, no transpose)
+//   wgmma:  D[m, n] += A[m, k] * B[n, k]  (both operands K-major, no transpose): A = x rows,
+//           B = values rows; SWAP (BN = 64) A = values rows, B = x rows, D = the tile's transpose,
+//           staged through shared memory on its way out so y is written in 16-byte pieces.
 #include <cuda.h>  // CUtensorMap (types only: cuTensorMapEncodeTiled comes through the runtime)
 #include <cudaTypedefs.h>
 
@@ -45,22 +48,29 @@ bool bsr_sm90_built() {
 
 namespace {
 
-// FLOP per byte a CTA pulls from L2 is BM*BN/(BM+BN) (bench/README.md): BN = 128 takes
-// BM = 256 (each warpgroup two m64 tiles; 85 instead of 64) at 1 CTA/SM, the smaller blocks
-// BM = 128 at 2 CTAs/SM.
+// Tiles. FLOP per byte a CTA pulls from L2 is BM*BN/(BM+BN) (bench/README.md), and per byte
+// a wgmma m64nNk16 reads from shared memory 64N/(64+N): 32 at N = 64, under the ~32-64 the
+// tensor cores need at full rate. So BN >= 64 takes BM = 256 at 1 CTA/SM, and BN = 64 swaps
+// the operands (SWAP): the block's 64 weight rows are wgmma's M and each warpgroup's 128 rows
+// of x its N (m64n128: 43). BN = 128: each warpgroup two m64 tiles of x rows, N = 128.
+// BN <= 32: BM = 128, 2 CTAs/SM.
 template <int BN> struct Sm90Cfg {
-  static constexpr int MT = BN == 128 ? 2 : 1;       // m64 tiles per consumer warpgroup
-  static constexpr int BM = 128 * MT;
+  static constexpr bool SWAP = BN == 64;
+  static constexpr int BM = BN >= 64 ? 256 : 128;
+  static constexpr int WN = SWAP ? BM / 2 : BN;      // wgmma N
+  static constexpr int MT = SWAP ? 1 : BM / 128;     // m64 tiles per warpgroup (SWAP: of weight rows)
   static constexpr int CONSUMERS = 256;              // 2 warpgroups
   static constexpr int NT = CONSUMERS + 32;          // + the producer warp
-  static constexpr int A_BYTES = BM * 128;           // A of a stage: BM rows x 64 columns
-  static constexpr int B_BYTES = BN * 128 > 4096 ? BN * 128 : 4096;  // >= 4 pieces of 1 KB
+  static constexpr int A_BYTES = BM * 128;           // x of a stage: BM rows x 64 columns
+  static constexpr int B_BYTES = BN * 128 > 4096 ? BN * 128 : 4096;  // values: >= 4 pieces of 1 KB
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;               // a multiple of 1024
-  // BN = 128: 209 KB, 1 CTA/SM; else <= 110 KB each, 2 CTAs/SM (of 228 KB per SM)
-  static constexpr int STAGES = BN == 128 ? 4 : BN == 64 ? 4 : 5;
-  static constexpr int MIN_BLOCKS = BN == 128 ? 1 : 2;
-  static constexpr int ZERO_BYTES = (BN > 64 ? BN : 64) * 128;  // read by both warpgroups' A and by B
+  // BN = 128: 209 KB, BN = 64: 177 KB, 1 CTA/SM; else <= 110 KB each, 2 CTAs/SM (of 228 KB per SM)
+  static constexpr int STAGES = BN >= 64 ? 4 : 5;
+  static constexpr int MIN_BLOCKS = BN >= 64 ? 1 : 2;
+  static constexpr int ZERO_BYTES = (BN >= 64 ? 128 : 64) * 128;  // the most rows one wgmma operand reads
+  static constexpr int OUT_LD = BN + 8;  // SWAP: the output tile staged as [BM][OUT_LD] over the stages
   static constexpr int SMEM = STAGES * STAGE_BYTES + ZERO_BYTES + STAGES * 20 + 1024;  // + barriers, live, align
+  static_assert(!SWAP || BM * OUT_LD * 2 <= STAGES * STAGE_BYTES, "staged output tile");
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -145,11 +155,6 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t da, uin
     "wgmma.mma_async.sync.aligned.m64n32k16.f32." AB "." AB " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
     : "l"(da), "l"(db), "r"(1))
-#define SC_WGMMA_64(AB) asm volatile( \
-    "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
-    "wgmma.mma_async.sync.aligned.m64n64k16.f32." AB "." AB " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
-    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-    : "l"(da), "l"(db), "r"(1))
 #define SC_WGMMA_128(AB) asm volatile( \
     "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
     "wgmma.mma_async.sync.aligned.m64n128k16.f32." AB "." AB " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
@@ -165,12 +170,10 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t da, uin
   }
 SC_WGMMA_SPECS(16)
 SC_WGMMA_SPECS(32)
-SC_WGMMA_SPECS(64)
 SC_WGMMA_SPECS(128)
 #undef SC_WGMMA_SPECS
 #undef SC_WGMMA_16
 #undef SC_WGMMA_32
-#undef SC_WGMMA_64
 #undef SC_WGMMA_128
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -241,15 +244,15 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
     return;
   }
 
-  // ---- consumers: warpgroup wg computes rows [64 MT wg, 64 MT (wg + 1)) of the tile, m64
-  // tile mt of it into d[mt]
+  // ---- consumers: warpgroup wg computes rows [BM/2 wg, BM/2 (wg + 1)) of the tile: m64 tile
+  // mt of them into d[mt] (x rows as A), or (SWAP) d[0] = their D^T (x rows as B)
   const int wg = warp >> 2, lane = tid & 31;
   const uint64_t desc = gmma_desc_base(row_bytes);
-  float d[C::MT][BN / 2];
+  float d[C::MT][C::WN / 2];
 #pragma unroll
   for (int mt = 0; mt < C::MT; ++mt) {
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) d[mt][i] = 0.f;
+    for (int i = 0; i < C::WN / 2; ++i) d[mt][i] = 0.f;
     fence_operands(d[mt]);
   }
 
@@ -258,17 +261,22 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
     mbar_wait(full0 + 8 * s, (j / C::STAGES) & 1);
     uint32_t live;
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(live) : "r"(live0 + 4 * s) : "memory");
-    const uint32_t sA = stage(s) + wg * C::MT * 64 * row_bytes, sB = stage(s) + C::A_BYTES;
+    const uint32_t sX = stage(s) + wg * (C::BM / 2) * row_bytes, sV = stage(s) + C::A_BYTES;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {  // k16 step kk: piece g, +off bytes inside it
       const int g = (kk << 4) >> kc_shift, off = ((kk << 4) & ((1 << kc_shift) - 1)) * 2;
-      const bool a_live = (live >> g) & 1;
-      const uint32_t b = (live >> (4 + g)) & 1 ? sB + g * b_piece : zeros;
+      const bool x_live = (live >> g) & 1;
+      const uint32_t v = (live >> (4 + g)) & 1 ? sV + g * b_piece : zeros;
+      if constexpr (C::SWAP) {  // D^T[64 weight rows, WN x rows] += V W-slice * x-slice^T
+        const uint32_t x = x_live ? sX + g * a_piece : zeros;
+        wgmma_m64k16<T, C::WN>(d[0], gmma_desc(desc, v + off), gmma_desc(desc, x + off));
+      } else {
 #pragma unroll
-      for (int mt = 0; mt < C::MT; ++mt) {
-        const uint32_t a = a_live ? sA + g * a_piece + mt * 64 * row_bytes : zeros;
-        wgmma_m64k16<T, BN>(d[mt], gmma_desc(desc, a + off), gmma_desc(desc, b + off));
+        for (int mt = 0; mt < C::MT; ++mt) {
+          const uint32_t x = x_live ? sX + g * a_piece + mt * 64 * row_bytes : zeros;
+          wgmma_m64k16<T, BN>(d[mt], gmma_desc(desc, x + off), gmma_desc(desc, v + off));
+        }
       }
     }
     wgmma_commit();
@@ -277,15 +285,52 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
   }
   wgmma_wait<0>();
   const int g = lane >> 2, t = lane & 3;
+  if constexpr (C::SWAP) {
+    // d[0][4i + 2h + e] = D[x row 8i + 2t + e of the warpgroup's, weight row 16 (warp % 4) + g + 8h].
+    // Stage act(D + bias) as [BM][OUT_LD] over the stages (free once both warpgroups' wgmma
+    // retired: named barrier 1 of the consumers), then copy whole 16-byte row pieces to y.
+    fence_operands(d[0]);
+    asm volatile("bar.sync 1, %0;\n" ::"n"(C::CONSUMERS) : "memory");
+    T* out = reinterpret_cast<T*>(smem + (s0 - smem_addr(smem)));
+    const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
-  for (int mt = 0; mt < C::MT; ++mt) {
-    fence_operands(d[mt]);
-    const int m = m0 + (wg * C::MT + mt) * 64 + (warp & 3) * 16 + g;
+    for (int h = 0; h < 2; ++h) {
+      const int wr = 16 * (warp & 3) + g + 8 * h, n = r * BN + wr;
+      const float bv = bias && n < p.N ? Elem<T>::to_float(bias[n]) : 0.f;
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-      const int n = r * BN + i * 8 + 2 * t;
-      store_pair<T>(p, m, n, d[mt][4 * i], d[mt][4 * i + 1]);
-      store_pair<T>(p, m + 8, n, d[mt][4 * i + 2], d[mt][4 * i + 3]);
+      for (int i = 0; i < C::WN / 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int row = wg * C::WN + 8 * i + 2 * t + e;
+          out[row * C::OUT_LD + wr] = Elem<T>::from_float(activate(d[0][4 * i + 2 * h + e] + bv, p.activation));
+        }
+      }
+    }
+    asm volatile("bar.sync 1, %0;\n" ::"n"(C::CONSUMERS) : "memory");
+    T* y = static_cast<T*>(p.y);
+    const int rows = min(C::BM, p.M - m0);
+    for (int c = tid; c < rows * (BN / 8); c += C::CONSUMERS) {
+      const int row = c / (BN / 8), n = r * BN + 8 * (c % (BN / 8));
+      if (n >= p.N) continue;
+      const T* src = out + row * C::OUT_LD + (n - r * BN);
+      T* dst = y + static_cast<int64_t>(m0 + row) * p.N + n;
+      if (n + 8 <= p.N && (p.N & 7) == 0) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        for (int e = 0; e < 8 && n + e < p.N; ++e) dst[e] = src[e];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < C::MT; ++mt) {
+      fence_operands(d[mt]);
+      const int m = m0 + (wg * C::MT + mt) * 64 + (warp & 3) * 16 + g;
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+        const int n = r * BN + i * 8 + 2 * t;
+        store_pair<T>(p, m, n, d[mt][4 * i], d[mt][4 * i + 1]);
+        store_pair<T>(p, m + 8, n, d[mt][4 * i + 2], d[mt][4 * i + 3]);
+      }
     }
   }
 #elif defined(__CUDA_ARCH__)

@@ -30,6 +30,7 @@ struct BsrParams {
   const void* bias;  // [N] or nullptr
   void* y;
   float* workspace;  // decode only: fp32 [M, R*BN], zeroed
+  int* tile_counter;  // sm90 only: one int32, zeroed (the persistent CTAs' tile queue)
   int M, N, R, nnzb;
   int Kx, ldx;
   int bk_shift;  // log2(BK)
@@ -44,11 +45,11 @@ struct BsrParams {
 cudaError_t launch_bsr_sm80(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 
 // sm90a prefill: TMA loads on mbarriers from a producer warp, wgmma.mma_async in 2 consumer
-// warpgroups. Tile 256 x BN for BN >= 64 (BN = 64: weights as wgmma's M), else 128 x BN.
-// Only for compute capability 9.0, and only when built
-// for sm_90a (bsr_sm90_built()). Encodes two tensor maps per call (x and values; returns
-// cudaErrorSymbolNotFound if the driver lacks cuTensorMapEncodeTiled).
-cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
+// warpgroups, persistent CTAs taking tiles from p.tile_counter (zeroed). Tile 256 x BN for
+// BN >= 64 (BN = 64: weights as wgmma's M), else 128 x BN. Only for compute capability 9.0,
+// and only when built for sm_90a (bsr_sm90_built()). Encodes two tensor maps per call (x and
+// values; returns cudaErrorSymbolNotFound if the driver lacks cuTensorMapEncodeTiled).
+cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream);
 bool bsr_sm90_built();
 
 // Decode (M <= 64, BK >= 32): decode_split() picks the kernel. S >= 1: bsr_fwd_decode_rows,

@@ -1,12 +1,18 @@
 // Prefill forward for sm90a: TMA loads completing on mbarriers, wgmma.mma_async (SASS HGMMA),
 // producer/consumer warp specialization.
 //
-//   grid  = (R, ceil(M/BM))         blockIdx.x -> block-row r = row_order[blockIdx.x]; the
+//   tiles = R x ceil(M/BM), tile -> (M tile tile / R, block-row r = row_order[tile % R]): the
 //         block-rows of one M tile run together, so its x tile is read from DRAM once
+//   grid  = persistent (BN <= 64): min(tiles, #SMs x CTAs per SM); CTA b takes tile b, then
+//         the next untaken one (atomicAdd on p.tile_counter, zeroed): heaviest block-rows
+//         first, and the producer loads the next tile while the consumers finish this one.
+//         BN = 128: a CTA per tile.
 //   CTA   = 2 consumer warpgroups (warps 0-7: warpgroup w computes rows [BM/2 w, BM/2 (w+1)) x BN)
 //         + 1 producer warp (warp 8: one thread issues every TMA load) = 288 threads
-//   loop  over the 64-column K-chunks of r (see bsr_common.cuh), a STAGES-deep ring:
-//         producer: wait empty[s] -> live[s], expect_tx(full[s]) -> TMA x and values pieces
+//   loop  over the 64-column K-chunks of each tile's row (see bsr_common.cuh), a STAGES-deep
+//         ring of messages (one per chunk; one per tile with nothing to load; tile -1 at the end):
+//         producer: wait empty[s] -> msg[s] = {live, tile}, arrive + expect_tx(full[s]) -> TMA
+//                   x and values pieces
 //         consumers: wait full[s] -> 4 k16 steps of wgmma (m64 tiles of x rows x BN, or with
 //                    SWAP the block's 64 rows x 128 x rows) -> keep one group in flight ->
 //                    release the previous chunk's stage (arrive on its empty barrier)
@@ -24,15 +30,17 @@
 //   its wgmma reads a zeroed region instead (a select, so every chunk is 4 unconditional
 //   k16 steps): past the row's last block (BK < 64, last chunk) A and B read zeros; x columns
 //   wholly past Kx (BK = 128, K % 128 <= 64) A reads zeros. The producer tells the consumers
-//   which pieces it loaded in live[s] (bit g: A, bit 4 + g: B), published by the full barrier.
+//   which pieces it loaded in live (bit g: A, bit 4 + g: B), published by the full barrier.
 //
-//     [ stage 0 | ... | stage S-1 | zeros [max(64, BN)][64] | full[S] | empty[S] | live[S] ]
+//     [ stage 0 | ... | stage S-1 | zeros | out (SWAP) | full[S] | empty[S] | msg[S] ]
 //
 //   wgmma:  D[m, n] += A[m, k] * B[n, k]  (both operands K-major, no transpose): A = x rows,
 //           B = values rows; SWAP (BN = 64) A = values rows, B = x rows, D = the tile's transpose,
 //           staged through shared memory on its way out so y is written in 16-byte pieces.
 #include <cuda.h>  // CUtensorMap (types only: cuTensorMapEncodeTiled comes through the runtime)
 #include <cudaTypedefs.h>
+
+#include <algorithm>
 
 #include "bsr_common.cuh"
 
@@ -64,13 +72,18 @@ template <int BN> struct Sm90Cfg {
   static constexpr int A_BYTES = BM * 128;           // x of a stage: BM rows x 64 columns
   static constexpr int B_BYTES = BN * 128 > 4096 ? BN * 128 : 4096;  // values: >= 4 pieces of 1 KB
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;               // a multiple of 1024
-  // BN = 128: 209 KB, BN = 64: 177 KB, 1 CTA/SM; else <= 110 KB each, 2 CTAs/SM (of 228 KB per SM)
+  // BN >= 64: 1 CTA/SM; else <= 110 KB each, 2 CTAs/SM (of 228 KB per SM)
   static constexpr int STAGES = BN >= 64 ? 4 : 5;
   static constexpr int MIN_BLOCKS = BN >= 64 ? 1 : 2;
+  // A CTA per SM slot taking tiles until none is left, except BN = 128: its 128 accumulators
+  // leave too few of the 168 registers a thread has for the loop around the epilogue.
+  static constexpr bool PERSISTENT = BN != 128;
   static constexpr int ZERO_BYTES = (BN >= 64 ? 128 : 64) * 128;  // the most rows one wgmma operand reads
-  static constexpr int OUT_LD = BN + 8;  // SWAP: the output tile staged as [BM][OUT_LD] over the stages
-  static constexpr int SMEM = STAGES * STAGE_BYTES + ZERO_BYTES + STAGES * 20 + 1024;  // + barriers, live, align
-  static_assert(!SWAP || BM * OUT_LD * 2 <= STAGES * STAGE_BYTES, "staged output tile");
+  static constexpr int OUT_LD = BN + 8;                           // SWAP: output tile staged as
+  static constexpr int OUT_BYTES = SWAP ? BM * OUT_LD * 2 : 0;     // [BM][OUT_LD] (36 KB)
+  // + full and empty barriers, an 8-byte message per stage, 1024-byte alignment: at most 214 KB
+  static constexpr int SMEM = STAGES * STAGE_BYTES + ZERO_BYTES + OUT_BYTES + STAGES * 24 + 1024;
+  static_assert(OUT_BYTES % 1024 == 0 && SMEM <= 227 * 1024, "shared memory layout");
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -177,6 +190,8 @@ SC_WGMMA_SPECS(128)
 #undef SC_WGMMA_128
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// Messages through the stages: msg[s] = {live, tile}; tile = -1: no more tiles.
+
 // tmap_x: x [M, Kx] (row stride ldx), box [BM rows][KC]; tmap_v: values as [nnzb*BN, BK],
 // box [BN rows][KC]; both with the KC*2-byte swizzle. Unused (may be zero) when nnzb == 0.
 template <typename T, int BN>
@@ -187,13 +202,10 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
   using C = Sm90Cfg<BN>;
   extern __shared__ uint8_t smem[];
   const uint32_t s0 = (smem_addr(smem) + 1023u) & ~1023u;
-  const uint32_t zeros = s0 + C::STAGES * C::STAGE_BYTES;
-  const uint32_t full0 = zeros + C::ZERO_BYTES, empty0 = full0 + C::STAGES * 8, live0 = empty0 + C::STAGES * 8;
+  const uint32_t zeros = s0 + C::STAGES * C::STAGE_BYTES, outb = zeros + C::ZERO_BYTES;
+  const uint32_t full0 = outb + C::OUT_BYTES, empty0 = full0 + C::STAGES * 8, msg0 = empty0 + C::STAGES * 8;
   const int tid = threadIdx.x, warp = tid >> 5;
-  const int r = p.row_order[blockIdx.x];
-  const int m0 = blockIdx.y * C::BM;
-  const int first = p.row_ptr[r], nb = p.row_ptr[r + 1] - first;
-  const int nchunks = p.Kx > 0 ? num_chunks(nb, p.bk_shift) : 0;  // no columns of x: y = act(bias)
+  const int tiles = p.R * ((p.M + C::BM - 1) / C::BM);  // tile = (M tile) * R + launch position of its block-row
   const int kc_shift = p.bk_shift < 6 ? p.bk_shift : 6;  // piece width KC = 2^kc_shift columns
   const int row_bytes = 2 << kc_shift;
   const int a_piece = C::BM * row_bytes, b_piece = BN * row_bytes < 1024 ? 1024 : BN * row_bytes;
@@ -204,134 +216,164 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
   fence_proxy_async();  // the zeros are read by wgmma (the async proxy)
   if (tid == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
-      mbar_init(full0 + 8 * s, 1);                // the producer's arrive.expect_tx
+      mbar_init(full0 + 8 * s, 1);                // the producer's arrive(.expect_tx)
       mbar_init(empty0 + 8 * s, C::CONSUMERS);    // every consumer thread
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
-  if (warp == C::CONSUMERS / 32) {  // ---- producer warp: one thread issues the loads
-    if ((tid & 31) != 0 || nchunks == 0) return;
+  if (warp == C::CONSUMERS / 32) {  // ---- producer warp: one thread takes tiles and issues every load
+    if ((tid & 31) != 0) return;
     tma_prefetch_map(&tmap_x);
     tma_prefetch_map(&tmap_v);
     const int pieces = 64 >> kc_shift;
-    for (int j = 0; j < nchunks; ++j) {
-      const int s = j % C::STAGES;
-      int col[4], blk[4];
-      uint32_t live = 0, bytes = 0;
+    int q = 0;  // messages sent: message q goes through stage q % STAGES
+    // Wait for a free stage, post its message, arm its full barrier for `bytes`; returns the stage.
+    auto post = [&](uint32_t live, int tile, uint32_t bytes) {
+      const int s = q % C::STAGES;
+      mbar_wait(empty0 + 8 * s, ((q / C::STAGES) & 1) ^ 1);
+      asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(msg0 + 8 * s), "r"(live), "r"(tile) : "memory");
+      if (bytes) mbar_expect_tx(full0 + 8 * s, bytes);  // publishes the message with the arrival
+      else mbar_arrive(full0 + 8 * s);
+      ++q;
+      return s;
+    };
+    for (int tile = blockIdx.x; tile < tiles; tile = C::PERSISTENT ? gridDim.x + atomicAdd(p.tile_counter, 1) : tiles) {
+      const int r = p.row_order[tile % p.R], m0 = (tile / p.R) * C::BM;
+      const int first = p.row_ptr[r], nb = p.row_ptr[r + 1] - first;
+      const int nchunks = p.Kx > 0 ? num_chunks(nb, p.bk_shift) : 0;  // no columns of x: y = act(bias)
+      if (nchunks == 0) post(0, tile, 0);  // one message, nothing loaded: the consumers write act(bias)
+      for (int j = 0; j < nchunks; ++j) {
+        int col[4], blk[4];
+        uint32_t live = 0, bytes = 0;
 #pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        const int v = (j << 6) + (g << kc_shift);  // first virtual-K column of the piece
-        const int i = v >> p.bk_shift;
-        blk[g] = first + i;
-        col[g] = (g < pieces && i < nb) ? (__ldg(p.col_idx + blk[g]) << p.bk_shift) + (v & ((1 << p.bk_shift) - 1))
-                                        : -1;
-        if (col[g] >= 0) live |= 1u << (4 + g), bytes += BN * row_bytes;          // B: values
-        if (col[g] >= 0 && col[g] < p.Kx) live |= 1u << g, bytes += C::BM * row_bytes;  // A: x
-      }
-      mbar_wait(empty0 + 8 * s, ((j / C::STAGES) & 1) ^ 1);
-      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(live0 + 4 * s), "r"(live) : "memory");
-      mbar_expect_tx(full0 + 8 * s, bytes);  // releases live[s] with the arrival
+        for (int g = 0; g < 4; ++g) {
+          const int v = (j << 6) + (g << kc_shift);  // first virtual-K column of the piece
+          const int i = v >> p.bk_shift;
+          blk[g] = first + i;
+          col[g] = (g < pieces && i < nb)
+                       ? (__ldg(p.col_idx + blk[g]) << p.bk_shift) + (v & ((1 << p.bk_shift) - 1))
+                       : -1;
+          if (col[g] >= 0) live |= 1u << (4 + g), bytes += BN * row_bytes;          // B: values
+          if (col[g] >= 0 && col[g] < p.Kx) live |= 1u << g, bytes += C::BM * row_bytes;  // A: x
+        }
+        const int s = post(live, tile, bytes);
 #pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        if (live & (1u << g)) tma_load_2d(stage(s) + g * a_piece, &tmap_x, col[g], m0, full0 + 8 * s);
-        if (live & (1u << (4 + g)))
-          tma_load_2d(stage(s) + C::A_BYTES + g * b_piece, &tmap_v, col[g] & ((1 << p.bk_shift) - 1), blk[g] * BN,
-                      full0 + 8 * s);  // (column inside the block, first row of the block)
+        for (int g = 0; g < 4; ++g) {
+          if (live & (1u << g)) tma_load_2d(stage(s) + g * a_piece, &tmap_x, col[g], m0, full0 + 8 * s);
+          if (live & (1u << (4 + g)))
+            tma_load_2d(stage(s) + C::A_BYTES + g * b_piece, &tmap_v, col[g] & ((1 << p.bk_shift) - 1),
+                        blk[g] * BN, full0 + 8 * s);  // (column inside the block, first row of the block)
+        }
       }
     }
+    post(0, -1, 0);
     return;
   }
 
-  // ---- consumers: warpgroup wg computes rows [BM/2 wg, BM/2 (wg + 1)) of the tile: m64 tile
+  // ---- consumers: warpgroup wg computes rows [BM/2 wg, BM/2 (wg + 1)) of each tile: m64 tile
   // mt of them into d[mt] (x rows as A), or (SWAP) d[0] = their D^T (x rows as B)
-  const int wg = warp >> 2, lane = tid & 31;
+  const int wg = warp >> 2, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const uint64_t desc = gmma_desc_base(row_bytes);
   float d[C::MT][C::WN / 2];
-#pragma unroll
-  for (int mt = 0; mt < C::MT; ++mt) {
-#pragma unroll
-    for (int i = 0; i < C::WN / 2; ++i) d[mt][i] = 0.f;
-    fence_operands(d[mt]);
-  }
-
-  for (int j = 0; j < nchunks; ++j) {
-    const int s = j % C::STAGES;
-    mbar_wait(full0 + 8 * s, (j / C::STAGES) & 1);
+  auto message = [&](int q, uint32_t& live, int& tile) {  // wait for message q, read it
+    const int s = q % C::STAGES;
+    mbar_wait(full0 + 8 * s, (q / C::STAGES) & 1);
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(live), "=r"(tile) : "r"(msg0 + 8 * s) : "memory");
+  };
+  for (int q = 0;;) {  // a tile per pass; message q comes through stage q % STAGES
     uint32_t live;
-    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(live) : "r"(live0 + 4 * s) : "memory");
-    const uint32_t sX = stage(s) + wg * (C::BM / 2) * row_bytes, sV = stage(s) + C::A_BYTES;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {  // k16 step kk: piece g, +off bytes inside it
-      const int g = (kk << 4) >> kc_shift, off = ((kk << 4) & ((1 << kc_shift) - 1)) * 2;
-      const bool x_live = (live >> g) & 1;
-      const uint32_t v = (live >> (4 + g)) & 1 ? sV + g * b_piece : zeros;
-      if constexpr (C::SWAP) {  // D^T[64 weight rows, WN x rows] += V W-slice * x-slice^T
-        const uint32_t x = x_live ? sX + g * a_piece : zeros;
-        wgmma_m64k16<T, C::WN>(d[0], gmma_desc(desc, v + off), gmma_desc(desc, x + off));
-      } else {
-#pragma unroll
-        for (int mt = 0; mt < C::MT; ++mt) {
-          const uint32_t x = x_live ? sX + g * a_piece + mt * 64 * row_bytes : zeros;
-          wgmma_m64k16<T, BN>(d[mt], gmma_desc(desc, x + off), gmma_desc(desc, v + off));
-        }
-      }
-    }
-    wgmma_commit();
-    wgmma_wait<1>();                                       // wgmma j-1 retired:
-    if (j > 0) mbar_arrive(empty0 + 8 * ((j - 1) % C::STAGES));  // its stage may be refilled
-  }
-  wgmma_wait<0>();
-  const int g = lane >> 2, t = lane & 3;
-  if constexpr (C::SWAP) {
-    // d[0][4i + 2h + e] = D[x row 8i + 2t + e of the warpgroup's, weight row 16 (warp % 4) + g + 8h].
-    // Stage act(D + bias) as [BM][OUT_LD] over the stages (free once both warpgroups' wgmma
-    // retired: named barrier 1 of the consumers), then copy whole 16-byte row pieces to y.
-    fence_operands(d[0]);
-    asm volatile("bar.sync 1, %0;\n" ::"n"(C::CONSUMERS) : "memory");
-    T* out = reinterpret_cast<T*>(smem + (s0 - smem_addr(smem)));
-    const T* bias = static_cast<const T*>(p.bias);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int wr = 16 * (warp & 3) + g + 8 * h, n = r * BN + wr;
-      const float bv = bias && n < p.N ? Elem<T>::to_float(bias[n]) : 0.f;
-#pragma unroll
-      for (int i = 0; i < C::WN / 8; ++i) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int row = wg * C::WN + 8 * i + 2 * t + e;
-          out[row * C::OUT_LD + wr] = Elem<T>::from_float(activate(d[0][4 * i + 2 * h + e] + bv, p.activation));
-        }
-      }
-    }
-    asm volatile("bar.sync 1, %0;\n" ::"n"(C::CONSUMERS) : "memory");
-    T* y = static_cast<T*>(p.y);
-    const int rows = min(C::BM, p.M - m0);
-    for (int c = tid; c < rows * (BN / 8); c += C::CONSUMERS) {
-      const int row = c / (BN / 8), n = r * BN + 8 * (c % (BN / 8));
-      if (n >= p.N) continue;
-      const T* src = out + row * C::OUT_LD + (n - r * BN);
-      T* dst = y + static_cast<int64_t>(m0 + row) * p.N + n;
-      if (n + 8 <= p.N && (p.N & 7) == 0) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-        for (int e = 0; e < 8 && n + e < p.N; ++e) dst[e] = src[e];
-      }
-    }
-  } else {
+    int tile;
+    message(q, live, tile);
+    if (tile < 0) return;
+    const int r = p.row_order[tile % p.R];
+    const int nb = p.row_ptr[r + 1] - p.row_ptr[r];
+    const int msgs = p.Kx > 0 && nb > 0 ? num_chunks(nb, p.bk_shift) : 1;  // as the producer sent them
 #pragma unroll
     for (int mt = 0; mt < C::MT; ++mt) {
-      fence_operands(d[mt]);
-      const int m = m0 + (wg * C::MT + mt) * 64 + (warp & 3) * 16 + g;
 #pragma unroll
-      for (int i = 0; i < BN / 8; ++i) {
-        const int n = r * BN + i * 8 + 2 * t;
-        store_pair<T>(p, m, n, d[mt][4 * i], d[mt][4 * i + 1]);
-        store_pair<T>(p, m + 8, n, d[mt][4 * i + 2], d[mt][4 * i + 3]);
+      for (int i = 0; i < C::WN / 2; ++i) d[mt][i] = 0.f;
+      fence_operands(d[mt]);
+    }
+    for (int j = 0; j < msgs; ++j, ++q) {  // a tile with nothing loaded multiplies the zero region
+      const int s = q % C::STAGES;
+      if (j > 0) message(q, live, tile);
+      const uint32_t sX = stage(s) + wg * (C::BM / 2) * row_bytes, sV = stage(s) + C::A_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {  // k16 step kk: piece pc, +off bytes inside it
+        const int pc = (kk << 4) >> kc_shift, off = ((kk << 4) & ((1 << kc_shift) - 1)) * 2;
+        const bool x_live = (live >> pc) & 1;
+        const uint32_t v = (live >> (4 + pc)) & 1 ? sV + pc * b_piece : zeros;
+        if constexpr (C::SWAP) {  // D^T[64 weight rows, WN x rows] += V W-slice * x-slice^T
+          const uint32_t x = x_live ? sX + pc * a_piece : zeros;
+          wgmma_m64k16<T, C::WN>(d[0], gmma_desc(desc, v + off), gmma_desc(desc, x + off));
+        } else {
+#pragma unroll
+          for (int mt = 0; mt < C::MT; ++mt) {
+            const uint32_t x = x_live ? sX + pc * a_piece + mt * 64 * row_bytes : zeros;
+            wgmma_m64k16<T, BN>(d[mt], gmma_desc(desc, x + off), gmma_desc(desc, v + off));
+          }
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<1>();                                                 // the previous chunk's wgmma retired:
+      if (j > 0) mbar_arrive(empty0 + 8 * ((q - 1) % C::STAGES));  // its stage may be refilled
+    }
+    wgmma_wait<0>();
+    mbar_arrive(empty0 + 8 * ((q - 1) % C::STAGES));  // the tile's last stage
+    const int m0 = (tile / p.R) * C::BM;
+
+    if constexpr (C::SWAP) {
+      // d[0][4i + 2h + e] = D[x row 8i + 2t + e of the warpgroup's, weight row 16 (warp % 4) + g + 8h].
+      // Stage act(D + bias) as out[BM][OUT_LD], then copy whole 16-byte row pieces to y. Named
+      // barrier 1 of the consumers: the previous tile's copy is done / this tile's tile is complete.
+      fence_operands(d[0]);
+      T* out = reinterpret_cast<T*>(smem + (outb - smem_addr(smem)));
+      const T* bias = static_cast<const T*>(p.bias);
+      asm volatile("bar.sync 1, %0;\n" ::"n"(C::CONSUMERS) : "memory");
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int wr = 16 * (warp & 3) + g + 8 * h, n = r * BN + wr;
+        const float bv = bias && n < p.N ? Elem<T>::to_float(bias[n]) : 0.f;
+#pragma unroll
+        for (int i = 0; i < C::WN / 8; ++i) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int row = wg * C::WN + 8 * i + 2 * t + e;
+            out[row * C::OUT_LD + wr] = Elem<T>::from_float(activate(d[0][4 * i + 2 * h + e] + bv, p.activation));
+          }
+        }
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(C::CONSUMERS) : "memory");
+      T* y = static_cast<T*>(p.y);
+      const int rows = min(C::BM, p.M - m0);
+      for (int c = tid; c < rows * (BN / 8); c += C::CONSUMERS) {
+        const int row = c / (BN / 8), n = r * BN + 8 * (c % (BN / 8));
+        if (n >= p.N) continue;
+        const T* src = out + row * C::OUT_LD + (n - r * BN);
+        T* dst = y + static_cast<int64_t>(m0 + row) * p.N + n;
+        if (n + 8 <= p.N && (p.N & 7) == 0) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          for (int e = 0; e < 8 && n + e < p.N; ++e) dst[e] = src[e];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < C::MT; ++mt) {
+        fence_operands(d[mt]);
+        const int m = m0 + (wg * C::MT + mt) * 64 + (warp & 3) * 16 + g;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+          const int n = r * BN + i * 8 + 2 * t;
+          store_pair<T>(p, m, n, d[mt][4 * i], d[mt][4 * i + 1]);
+          store_pair<T>(p, m + 8, n, d[mt][4 * i + 2], d[mt][4 * i + 3]);
+        }
       }
     }
+    if constexpr (!C::PERSISTENT) return;
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // a cubin without sm_90a features (the host only launches this on 9.0 + sm_90a)
@@ -377,7 +419,7 @@ cudaError_t encode_map(CUtensorMap* map, DType dt, const void* base, int64_t row
 }
 
 template <typename T>
-cudaError_t launch_bn(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {
+cudaError_t launch_bn(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream) {
   return with_side(bn, [&](auto side) {
     constexpr int BN = decltype(side)::value;
     using C = Sm90Cfg<BN>;
@@ -392,15 +434,20 @@ cudaError_t launch_bn(const BsrParams& p, DType dt, int bn, cudaStream_t stream)
     const auto kernel = bsr_fwd_sm90<T, BN>;
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
     if (err != cudaSuccess) return err;
-    kernel<<<dim3(p.R, (p.M + C::BM - 1) / C::BM), C::NT, C::SMEM, stream>>>(tmap_x, tmap_v, p);
+    const int64_t tiles = static_cast<int64_t>(p.R) * ((p.M + C::BM - 1) / C::BM);
+    if (tiles == 0) return cudaSuccess;  // y has no elements
+    if (p.tile_counter == nullptr || tiles > INT32_MAX) return cudaErrorInvalidValue;
+    const int64_t ctas = C::PERSISTENT ? std::min<int64_t>(tiles, static_cast<int64_t>(num_sms) * C::MIN_BLOCKS) : tiles;
+    kernel<<<static_cast<unsigned>(ctas), C::NT, C::SMEM, stream>>>(tmap_x, tmap_v, p);
     return cudaSuccess;
   });
 }
 
 }  // namespace
 
-cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {
-  return dt == kFloat16 ? launch_bn<__half>(p, dt, bn, stream) : launch_bn<__nv_bfloat16>(p, dt, bn, stream);
+cudaError_t launch_bsr_sm90(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream) {
+  return dt == kFloat16 ? launch_bn<__half>(p, dt, bn, num_sms, stream)
+                        : launch_bn<__nv_bfloat16>(p, dt, bn, num_sms, stream);
 }
 
 }  // namespace sparsecore

@@ -216,7 +216,9 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   } else if (which == "sm90") {
     TORCH_CHECK(sm90_ok, "cuda_bsr_linear: kernel: 'sm90' expects a compute capability 9.0 GPU and a build with ",
                 "sm_90a, got ", info.major, ".", info.minor, bsr_sm90_built() ? "" : " and a build without sm_90a");
-    C10_CUDA_CHECK(launch_bsr_sm90(p, dt, static_cast<int>(bn), stream));
+    Tensor counter = at::zeros({1}, x.options().dtype(at::kInt));
+    p.tile_counter = counter.data_ptr<int>();
+    C10_CUDA_CHECK(launch_bsr_sm90(p, dt, static_cast<int>(bn), info.sms, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {  // "sm80"
     C10_CUDA_CHECK(launch_bsr_sm80(p, dt, static_cast<int>(bn), stream));

@@ -139,6 +139,22 @@ def _block_rows_for(split, groups, sms):
     return -(-sms // groups) + 3 if split == 1 else -(-(-(-sms // split)) // groups)
 
 
+@pytest.mark.parametrize("block", [(16, 16), (32, 64), (64, 64), (64, 16), (128, 64)], ids=str)
+def test_sm90_tile_queue(block):
+    """Persistent sm90 CTAs (BN <= 64; BN = 128 runs a CTA per tile): ~4 tiles per CTA slot,
+    block-rows of every length down to empty ones, 3-5 M tiles with a tail, bitwise repeatable
+    whichever CTA takes which tile."""
+    if "sm90" not in _kernels(300, block):
+        pytest.skip("no sm90 kernel here")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bn, bk = block
+    M = 520  # 3 tiles of 256 rows (BN >= 64) or 5 of 128
+    R = -(-4 * sms * (1 if bn >= 64 else 2) // (-(-M // (256 if bn >= 64 else 128))))
+    x, W, b = _case(M, R * bn - 5, 12 * bk + 8, block, 0.4, torch.bfloat16, bias=True, empty_rows=R // 10)
+    _check(x, W, b, "silu", kernel="sm90")
+    assert torch.equal(_run(x, W, b, kernel="sm90"), _run(x, W, b, kernel="sm90"))
+
+
 @pytest.mark.parametrize("block", [(32, 32), (64, 64), (16, 128)], ids=str)
 @pytest.mark.parametrize("M", [7, 50])
 @pytest.mark.parametrize("path", ["rows", "cluster", "split"])

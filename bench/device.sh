@@ -83,13 +83,19 @@ fi
 # 2. the CUDA kernels against the float64 oracle (no JIT; 4 workers prepare the cases), so a broken kernel shows
 # before the benchmark spends its time. The sm90a kernel first, in a process of its own (a
 # trap there ends its CUDA context); if it fails, everything after runs with sm80.
-FWD_TESTS="every_kernel or k_multiple or density_extremes or fused_bias or long_rows or unaligned"
+FWD_TESTS="every_kernel or k_multiple or density_extremes or fused_bias or long_rows or unaligned or tile_queue"
 if ! stage gpu-sm90 45 "$LOGS/pytest_gpu_sm90.log" env SPARSECORE_TEST_KERNELS=sm90 \
         "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 -k "$FWD_TESTS" tests/test_cuda_kernels.py; then
     export SPARSECORE_CUDA_KERNEL=sm80 SPARSECORE_TEST_KERNELS=sm80,decode
     SUMMARY+=("(sm90 kernel failed: the tests and the benchmark below run with SPARSECORE_CUDA_KERNEL=sm80)")
 fi
-stage gpu-cuda 60 "$LOGS/pytest_gpu_cuda.log" env SPARSECORE_TEST_KERNELS=sm80,decode \
+# The decode kernel next, alone too: if its cluster reduction (sm_90) fails, the rest runs without clusters.
+if ! stage gpu-decode 30 "$LOGS/pytest_gpu_decode.log" env SPARSECORE_TEST_KERNELS=decode \
+        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 -k decode tests/test_cuda_kernels.py; then
+    export SPARSECORE_DECODE_CLUSTERS=0
+    SUMMARY+=("(decode kernel failed: the tests and the benchmark below run with SPARSECORE_DECODE_CLUSTERS=0)")
+fi
+stage gpu-cuda 50 "$LOGS/pytest_gpu_cuda.log" env SPARSECORE_TEST_KERNELS=sm80,decode \
     "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 tests/test_cuda_kernels.py
 
 # 3. benchmark (the deliverable); rows stream to bench.csv, so a timeout keeps them

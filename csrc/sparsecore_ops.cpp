@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <array>
 #include <climits>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 
@@ -107,7 +108,8 @@ const DeviceInfo& device_info(int dev) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev].minor, cudaDevAttrComputeCapabilityMinor, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev].sms, cudaDevAttrMultiProcessorCount, dev));
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(dev));
-    cache[dev].clusters = cache[dev].major >= 9 && bsr_decode_clusters();
+    const char* env = std::getenv("SPARSECORE_DECODE_CLUSTERS");  // "0": never (a fallback switch)
+    cache[dev].clusters = cache[dev].major >= 9 && bsr_decode_clusters() && !(env && std::string(env) == "0");
   });
   return cache[dev];
 }

@@ -19,7 +19,8 @@ than SMs the kept blocks split over all SMs with fp32 atomics), else ``sm90`` (T
 warp-specialized; compute capability 9.0, built for sm_90a), else
 ``sm80`` (mma.sync, any GPU of compute capability >= 8.0). fp16 / bf16, block sides 16..128.
 ``$SPARSECORE_CUDA_KERNEL`` (sm80 | sm90 | decode) forces one for the backend's forward, to
-compare them through the whole stack.
+compare them through the whole stack; ``$SPARSECORE_DECODE_CLUSTERS=0`` keeps decode off clusters
+(read once per device).
 The backward kernels (dX over the CSC metadata, dW on the kept blocks) are mma.sync kernels
 for compute capability >= 8.0.
 

@@ -42,12 +42,15 @@ def candidates(kernel, arch, dtype, block, M, N, K, limit):
                        G=tuple(g for g in (1, 2, 4, 8) if 32 <= g * red <= 128) or (1,), GROUP_M=(4, 8, 16))
         if kernel == "fwd" and arch >= 90 and base["G"] == 1:
             options["TMA"] = (True,)  # TMA descriptors (Hopper only; see kernels/bsr_fwd.py)
+        if kernel == "fwd" and arch >= 90 and block[0] >= 64:
+            options["SWAP"] = (True,)  # block rows as wgmma's M (see kernels/common.py row_segment)
     elif kernel == "decode":
         options.update(G=tuple(g for g in (1, 2, 4, 8) if g * block[1] <= 256), PROGRAMS_PER_SM=(1, 2, 4, 8))
     else:
         options.update(BM=(32, 64, 128), PROGRAMS_PER_SM=(1, 2, 4))
     out, seen = [base], {json.dumps(base, sort_keys=True)}
-    order = [f for f in ("BM", "num_warps", "TMA", "num_stages", "G", "PROGRAMS_PER_SM", "GROUP_M") if f in options]
+    order = [f for f in ("BM", "SWAP", "num_warps", "TMA", "num_stages", "G", "PROGRAMS_PER_SM", "GROUP_M")
+             if f in options]
     # one field at a time around the heuristic (most telling fields first), then pairs
     for n_changed in (1, 2):
         for fields in itertools.combinations(order, n_changed):

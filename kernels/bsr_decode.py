@@ -48,7 +48,7 @@ def bsr_decode_partial_kernel(
     while i < hi:                                   # one block-row segment per trip
         r = tl.load(block_row + i)
         stop = tl.minimum(tl.load(row_ptr + r + 1), hi)
-        acc = row_segment(x_rows, m_ok, values, col_idx, i, stop, K, BM, BN, BK, G, DOT_F32)
+        acc = row_segment(x_rows, m_ok, values, col_idx, i, stop, K, BM, BN, BK, G, DOT_F32, False)
         slot = (pid + r).to(tl.int64)
         tl.store(ws + (slot * M + offs_m[:, None]) * BN + offs_n[None, :], acc, mask=m_ok[:, None])
         i = stop

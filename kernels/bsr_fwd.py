@@ -21,6 +21,8 @@ Design
   ``act(bias)`` (or zeros). Epilogue (bias + none/relu/gelu/silu) is fused.
 * Precision: fp16/bf16 operands; fp32 operands go through ``tl.dot``'s default tf32 on
   the GPU (10-bit mantissa products, fp32 accumulate). Accumulation is always fp32.
+* Config ``SWAP: True`` computes the tile transposed (see ``row_segment``): the block's rows
+  as the MMA's M. A tuning candidate on Hopper for BN >= 64 until timed.
 * ``bsr_fwd_tma_kernel`` (config ``TMA: True``, Hopper, G = 1, 16-byte aligned rows): the
   same loop with both tiles fetched by TMA from host-built tensor descriptors (x as
   ``[M, K]`` tiles ``[BM, BK]`` at ``(m0, c*BK)``, values as ``[nnzb*BN, BK]`` tiles at
@@ -42,7 +44,7 @@ def bsr_fwd_kernel(
     x, values, row_ptr, col_idx, row_order, bias, y,
     M, N, K, R, stride_xm, stride_ym,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr,
 ):
     pid_m, j = raster(M, R, BM, GROUP_M)
     r = tl.load(row_order + j)
@@ -52,7 +54,7 @@ def bsr_fwd_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_ok = offs_m < M
     x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
-    acc = row_segment(x_rows, m_ok, values, col_idx, start, end, K, BM, BN, BK, G, DOT_F32)
+    acc = row_segment(x_rows, m_ok, values, col_idx, start, end, K, BM, BN, BK, G, DOT_F32, SWAP)
 
     n_glob = r * BN + tl.arange(0, BN)
     n_ok = n_glob < N
@@ -122,6 +124,6 @@ def bsr_fwd(x, values, row_ptr, col_idx, row_order, out_features, bias=None, act
         x, values, row_ptr, col_idx, row_order, bias if bias is not None else y, y,
         M, out_features, K, R, x.stride(0), y.stride(0),
         BM=config["BM"], BN=BN, BK=BK, G=config["G"], GROUP_M=config["GROUP_M"],
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], DOT_F32=dot_f32,
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], DOT_F32=dot_f32, SWAP=bool(config.get("SWAP")),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     return y

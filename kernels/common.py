@@ -37,7 +37,7 @@ def mma(a, b, acc, DOT_F32: tl.constexpr):
 
 @triton.jit
 def row_segment(x_rows, m_ok, values, col_idx, start, end, K, BM: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, G: tl.constexpr, DOT_F32: tl.constexpr):
+                BK: tl.constexpr, G: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr):
     """fp32 ``[BM, BN]`` = x[rows, cols of kept blocks start..end) @ their values^T.
 
     ``x_rows``: ``[BM, 1]`` row pointers of x; kept blocks ``start..end`` of one block-row are
@@ -45,21 +45,37 @@ def row_segment(x_rows, m_ok, values, col_idx, start, end, K, BM: tl.constexpr, 
 
         a [BM, G*BK] = x[rows, col_idx[i+g]*BK + k]      (gathered, masked to K)
         b [G*BK, BN] = values[i+g, n, k]                 (W^T tile, K-contiguous)
+
+    ``SWAP`` computes the transpose, ``[BN, BM] += b^T @ a^T``, returned transposed: the
+    block's rows become the MMA's M and the x rows its N (BN = 64, BM = 128..256 on Hopper:
+    wgmma m64nBM instead of m64n64, a better ratio of FLOPs to shared-memory bytes).
     """
     kk = tl.arange(0, G * BK)
     g = kk // BK                                   # which of the G blocks this column is in
     k = kk % BK
-    w_tile = tl.arange(0, BN)[None, :] * BK + k[:, None]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP:
+        w_tile = tl.arange(0, BN)[:, None] * BK + k[None, :]   # [BN, G*BK]: values' own layout
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        w_tile = tl.arange(0, BN)[None, :] * BK + k[:, None]   # [G*BK, BN]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for i in range(start, end, G):
         blk = i + g
         ok = blk < end
         c = tl.load(col_idx + blk, mask=ok, other=0)
         kcol = c * BK + k
         a = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & (ok & (kcol < K))[None, :], other=0.0)
-        b = tl.load(values + blk.to(tl.int64)[:, None] * (BN * BK) + w_tile, mask=ok[:, None], other=0.0)
-        acc = mma(a, b, acc, DOT_F32)
-    return acc
+        if SWAP:
+            b = tl.load(values + blk.to(tl.int64)[None, :] * (BN * BK) + w_tile, mask=ok[None, :], other=0.0)
+            acc = mma(b, tl.trans(a), acc, DOT_F32)
+        else:
+            b = tl.load(values + blk.to(tl.int64)[:, None] * (BN * BK) + w_tile, mask=ok[:, None], other=0.0)
+            acc = mma(a, b, acc, DOT_F32)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    return out
 
 
 @triton.jit

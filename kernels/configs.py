@@ -7,7 +7,8 @@ N, K. Lookup: exact shape, then the wildcard, then ``heuristic``. Nothing is aut
 call time, so a first call never launches a storm of trial compiles.
 
 Config fields (all kernels): ``num_warps``, ``num_stages``, and
-  fwd / dx : ``BM`` (rows of x per program), ``G`` (kept blocks per K-step), ``GROUP_M``
+  fwd / dx : ``BM`` (rows of x per program), ``G`` (kept blocks per K-step), ``GROUP_M``;
+             fwd also the optional ``TMA``, ``SWAP`` (tuning candidates on Hopper)
   decode   : ``BM``, ``G``, ``PROGRAMS_PER_SM`` (kept-block list split over that many programs)
   dw       : ``BM`` (M step of the reduction), ``PROGRAMS_PER_SM`` (split M until nnzb x
              splits reaches that many programs per SM)

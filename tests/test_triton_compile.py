@@ -38,6 +38,8 @@ CASES = [
     ("fwd-fp32-64x64", "fwd", "fp32", (64, 64), 2048, "none"),
     ("fwd-tma-bf16-64x64", "fwd+tma", "bf16", (64, 64), 2048, "gelu"),
     ("fwd-tma-bf16-128x128", "fwd+tma", "bf16", (128, 128), 2048, "none"),
+    ("fwd-swap-bf16-64x64", "fwd+swap", "bf16", (64, 64), 2048, "gelu"),
+    ("fwd-swap-fp16-128x32", "fwd+swap", "fp16", (128, 32), 2048, "none"),
     ("decode-bf16-64x64", "decode", "bf16", (64, 64), 16, "gelu"),
     ("decode-bf16-16x16", "decode", "bf16", (16, 16), 1, "none"),
     ("dx-bf16-64x64", "dx", "bf16", (64, 64), 2048, None),
@@ -49,7 +51,8 @@ CASES = [
     ("dw-fp32-64x64", "dw", "fp32", (64, 64), 2048, None),
 ]
 ARCHS = (90, 80)
-ARCHS_OF = {"fwd+tma": (90,)}  # TMA is Hopper's; on sm_80 descriptor loads become plain loads
+# TMA is Hopper's (on sm_80 descriptor loads become plain loads); SWAP is for wgmma's N
+ARCHS_OF = {"fwd+tma": (90,), "fwd+swap": (90,)}
 
 
 # -- the compile probe (runs in the subprocess) -------------------------------------------
@@ -80,6 +83,8 @@ def _capture_launches(kernel, dtype, block, M, act, arch):
     cfg = configs.heuristic(kernel.split("+")[0], arch, dt, block, M, N, K)
     if kernel == "fwd+tma":
         cfg.update(TMA=True, G=1)
+    if kernel == "fwd+swap":
+        cfg.update(SWAP=True)
     if kernel.startswith("fwd"):
         bsr_fwd.bsr_fwd(x, vals, i32(R + 1), i32(nnzb), i32(R), N, bias, act, config=cfg, wrap=Capture)
     elif kernel == "decode":
@@ -142,6 +147,7 @@ def probe():
             out[f"{case_id}@sm{arch}"] = dict(
                 kernel=fn.__name__, config=cfg, shared=shared, wgmma="wgmma.mma_async" in ptx,
                 mma_sync="mma.sync" in ptx, cp_async="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                wgmma_n=sorted({int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)}),
                 max_wgmma_wait=max(waits, default=None), **_ptxas(ptx))
             if kernel == "decode":  # the epilogue pass
                 fn, args, kw = launches[1]
@@ -184,12 +190,21 @@ def test_mma_instructions_and_pipelining(report, key):
     case_id, arch = key.split("@sm")
     _, kernel, dtype, block, M, _ = next(c for c in CASES if c[0] == case_id)
     assert rec["cp_async"], rec
-    wants_wgmma = arch == "90" and (kernel in ("fwd", "fwd+tma", "dx") or (kernel == "dw" and block[0] >= 64))
+    wants_wgmma = arch == "90" and (kernel in ("fwd", "fwd+tma", "fwd+swap", "dx") or (kernel == "dw" and block[0] >= 64))
     assert rec["tma"] == (kernel == "fwd+tma"), rec
     if wants_wgmma:
         assert rec["wgmma"] and rec["max_wgmma_wait"] >= 1, rec
     else:
         assert rec["mma_sync"] and not rec["wgmma"], rec
+
+
+@pytest.mark.parametrize("key", [k for k in _ids() if "-swap-" in k])
+def test_swap_makes_the_x_rows_wgmma_n(report, key):
+    """SWAP: the block's BN rows are wgmma's M (m64 tiles), the tile's BM rows of x its N."""
+    rec = report[key]
+    assert rec["wgmma_n"] and max(rec["wgmma_n"]) == rec["config"]["BM"], rec
+    plain = report.get(key.replace("-swap-", "-"))  # the same case unswapped: N = BN
+    assert plain is None or max(plain["wgmma_n"]) < max(rec["wgmma_n"]), (plain, rec)
 
 
 if __name__ == "__main__":

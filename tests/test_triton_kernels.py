@@ -131,6 +131,23 @@ def test_fwd_tma_variant(dtype, block):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block,G", [((64, 64), 1), ((128, 32), 2), ((64, 16), 4)])
+def test_fwd_swap_variant(dtype, block, G):
+    """SWAP (the tile computed transposed, block rows as the MMA's M): odd M over two tiles,
+    N and K off the block, an empty block-row, G blocks per K-step, bias + gelu."""
+    bn, bk = block
+    g = torch.Generator().manual_seed(3)
+    w, mask = random_weight(3 * bn - 5, 5 * bk - 3, block, 0.6, dtype, generator=g, empty_rows=1)
+    W = sc.BlockSparseWeight.from_dense(w, mask).to(DEVICE)
+    N, K = W.shape
+    x, b = rand(g, 83, K, dtype=dtype), rand(g, N, dtype=dtype)
+    cfg = {"BM": 64, "G": G, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, "SWAP": True}
+    y = bsr_fwd.bsr_fwd(x, W.values, W.row_ptr, W.col_idx, W.row_order, N, b, "gelu", config=cfg)
+    assert_close(y, oracle(x, W.to_dense(), b, "gelu"), dtype, tol(dtype))
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype,block,M,act,with_bias", cases())
 def test_decode_kernel(dtype, block, M, act, with_bias):
     W, g = make(block, dtype)
@@ -340,7 +357,7 @@ def test_checked_in_table_is_well_formed():
         kernel, _, dtype, block, bucket, _, _ = k.split("|")
         bn, bk = (int(v) for v in block.split("x"))
         ref = configs.heuristic(kernel, 90, torch.float16, (bn, bk), int(bucket[1:]), 4096, 4096)
-        assert set(ref) <= set(cfg) <= set(ref) | {"TMA"}, k
+        assert set(ref) <= set(cfg) <= set(ref) | {"TMA", "SWAP"}, k
 
 
 @pytest.mark.skipif(RUNNABLE, reason="the tests above ran in this process")

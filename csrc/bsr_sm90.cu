@@ -84,6 +84,7 @@ template <int BN> struct Sm90Cfg {
   // + full and empty barriers, an 8-byte message per stage, 1024-byte alignment: at most 214 KB
   static constexpr int SMEM = STAGES * STAGE_BYTES + ZERO_BYTES + OUT_BYTES + STAGES * 24 + 1024;
   static_assert(OUT_BYTES % 1024 == 0 && SMEM <= 227 * 1024, "shared memory layout");
+  static_assert(2 * MT * 64 * WN == BM * BN, "two warpgroups of MT m64 x WN tiles cover the tile");
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

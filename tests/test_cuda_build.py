@@ -245,6 +245,47 @@ def test_sass_uses_tensor_cores():
             assert (f"sm_{a}", k) in seen, (a, k)
 
 
+# -- host-side planning ------------------------------------------------------------------
+@needs_build
+def test_decode_plan_rule(tmp_path):
+    """decode_split (bsr_kernels.h), compiled on the host over a grid of shapes: 1 when the
+    (block-row, 16-row group) CTAs fill the SMs; else without clusters 0 (the split kernel);
+    with clusters the smallest power of two <= 8 that fills the SMs or gives every unit of a
+    mean block-row its own warp (8 per CTA), 0 when even 8 would leave half the SMs idle."""
+    from torch.utils import cpp_extension
+
+    src = tmp_path / "plan.cpp"
+    src.write_text(textwrap.dedent("""
+        #include <cstdio>
+        #include "bsr_kernels.h"
+        int main() {
+          const int rs[] = {1, 2, 7, 8, 9, 16, 17, 33, 64, 131, 132, 300};
+          const int ms[] = {1, 16, 17, 64};
+          const long long units[] = {0, 5, 64, 500, 5000, 100000};
+          for (int sms : {16, 108, 132})
+            for (int r : rs) for (int m : ms) for (long long u : units) for (int c = 0; c < 2; ++c)
+              std::printf("%d %d %d %lld %d %d\\n", sms, r, m, u, c, sparsecore::decode_split(r, m, u, sms, c));
+        }"""))
+    home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
+    exe = tmp_path / "plan"
+    subprocess.run([os.path.join(home, "bin", "nvcc"), "-std=c++17", f"-I{ROOT}/csrc", str(src), "-o", str(exe)],
+                   check=True, capture_output=True)
+    rows = [tuple(int(v) for v in line.split()) for line in subprocess.run(
+        [str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()]
+    assert len(rows) == 3 * 12 * 4 * 6 * 2
+    for sms, r, m, units, clusters, s in rows:
+        ctas = r * -(-m // 16)
+        if ctas >= sms:
+            assert s == 1
+        elif not clusters or 16 * ctas < sms:
+            assert s == 0
+        else:
+            assert s in (1, 2, 4, 8)
+            done = lambda k: ctas * k >= sms or 8 * k * r >= units  # noqa: E731
+            assert s == 8 or done(s), (sms, r, m, units, s)
+            assert s == 1 or not done(s // 2), (sms, r, m, units, s)
+
+
 # -- an unloadable build -----------------------------------------------------------------
 def test_unloadable_extension_warns_once(tmp_path):
     """A copy of the package whose _C is garbage: import works, the backend warns once."""

@@ -245,6 +245,24 @@ def test_sass_uses_tensor_cores():
             assert (f"sm_{a}", k) in seen, (a, k)
 
 
+@needs_build
+def test_sm90_wgmma_not_serialized(tmp_path):
+    """ptxas keeps every wgmma of the sm_90a kernel asynchronous: no C7518 "wgmma.mma_async
+    instructions are serialized" (a wgmma on a path ptxas cannot prove warpgroup-uniform, or
+    accumulators touched while in flight, makes it wait after each one)."""
+    if "90a" not in _archs():
+        pytest.skip("not built for sm_90a")
+    from torch.utils import cpp_extension
+
+    home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
+    r = subprocess.run([os.path.join(home, "bin", "nvcc"), "-std=c++17", "-O3", f"-I{ROOT}/csrc",
+                        "-gencode=arch=compute_90a,code=sm_90a", "-DSPARSECORE_HAS_SM90A", "-Xptxas", "-v",
+                        "-c", os.path.join(ROOT, "csrc", "bsr_sm90.cu"), "-o", str(tmp_path / "k.o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bsr_fwd_sm90" in r.stderr and "serialized" not in r.stderr, r.stderr[-3000:]
+
+
 # -- host-side planning ------------------------------------------------------------------
 @needs_build
 def test_decode_plan_rule(tmp_path):

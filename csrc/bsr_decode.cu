@@ -219,14 +219,27 @@ __global__ void __launch_bounds__(DecodeRowsCfg<BN>::NT, DecodeRowsCfg<BN>::MIN_
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
+  if (cluster.num_blocks() != static_cast<unsigned>(split)) __trap();  // launched without its clusters
   cluster.sync();  // release / acquire: every CTA's red[0] is final and visible cluster-wide
-  for (int idx = rank * C::NT + threadIdx.x; idx < 16 * BN; idx += split * C::NT) {
+  constexpr int PER = (16 * BN + 2 * C::NT - 1) / (2 * C::NT);  // elements a thread sums (split >= 2)
+  float z[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int idx = rank * C::NT + threadIdx.x + k * split * C::NT;
     const int at = (idx / BN) * C::LDR + idx % BN;
-    float z = 0.f;
-    for (int j = 0; j < split; ++j) z += cluster.map_shared_rank(red, j)[at];
-    write(idx, z);
+    z[k] = 0.f;
+    if (idx < 16 * BN)
+      for (int j = 0; j < split; ++j) z[k] += cluster.map_shared_rank(red, j)[at];
   }
-  cluster.sync();  // no CTA leaves (freeing its shared memory) while another still reads it
+  // The remote reads are done (their values are summed): arrive without ordering the y stores
+  // below, and wait at the end so no CTA frees its shared memory while another still reads it.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int idx = rank * C::NT + threadIdx.x + k * split * C::NT;
+    if (idx < 16 * BN) write(idx, z[k]);
+  }
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 #else
   __trap();  // split > 1 needs sm_90 clusters; the launcher checks the binary first
 #endif
@@ -254,12 +267,12 @@ cudaError_t launch(const BsrParams& p, int num_sms, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// split > 1 launches clusters of `split` CTAs, which only an sm_90+ binary of the kernel has.
+// split > 1 launches clusters of `split` CTAs (at most bsr_decode_max_split() on this device).
 template <typename T, int BN>
 cudaError_t launch_rows(const BsrParams& p, int split, cudaStream_t stream) {
   using C = DecodeRowsCfg<BN>;
   const auto kernel = bsr_fwd_decode_rows<T, BN>;
-  if (split > 1 && (split > kDecodeMaxSplit || !bsr_decode_clusters())) return cudaErrorInvalidConfiguration;
+  if (split > kDecodeMaxSplit) return cudaErrorInvalidConfiguration;  // split <= bsr_decode_max_split(): the caller's
   cudaError_t err;
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM)) != cudaSuccess)
     return err;
@@ -307,9 +320,32 @@ cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, int spl
   });
 }
 
-bool bsr_decode_clusters() {
+int bsr_decode_max_split() {
+  // Clusters need the kernel compiled for sm_90+ (__CUDA_ARCH__ follows the PTX it came from:
+  // a JIT of the compute_80 PTX on a newer GPU has no cluster code) and running as such.
+  const auto kernel = bsr_fwd_decode_rows<__half, 128>;  // the most shared memory of them
   cudaFuncAttributes fa{};
-  return cudaFuncGetAttributes(&fa, bsr_fwd_decode_rows<__half, 64>) == cudaSuccess && fa.binaryVersion >= 90;
+  if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.ptxVersion < 90 || fa.binaryVersion < 90) return 1;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeRowsCfg<128>::SMEM) !=
+      cudaSuccess)
+    return 1;
+  for (int s = kDecodeMaxSplit; s >= 2; s /= 2) {  // a small GPU, MIG slice or MPS share may fit fewer
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = s;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(s);
+    cfg.blockDim = dim3(DecodeRowsCfg<128>::NT);
+    cfg.dynamicSmemBytes = DecodeRowsCfg<128>::SMEM;
+    cfg.attrs = &cluster;
+    cfg.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n >= 1) return s;
+  }
+  cudaGetLastError();  // clear a failed query
+  return 1;
 }
 
 cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {

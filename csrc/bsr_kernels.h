@@ -59,20 +59,23 @@ bool bsr_sm90_built();
 // y = act(ws + bias).
 constexpr int kDecodeMaxM = 64;
 constexpr int kDecodeMaxSplit = 8;  // portable cluster size
-// ctas = R x ceil(M/16). S = 1 when ctas >= #SMs. Else, with clusters, the smallest power of
-// two S <= 8 with ctas x S >= #SMs, stopping once the cluster's S x 8 warps reach a block-row's
-// mean number of 32-column units; 0 without clusters, or when even S = 8 would leave more than
-// half the SMs idle.
-inline int decode_split(int R, int M, int64_t units, int num_sms, bool clusters) {
+// ctas = R x ceil(M/16); max_split: the largest cluster this device runs (1: none). S = 1
+// when ctas >= #SMs. Else the smallest power of two S <= max_split with ctas x S >= #SMs,
+// stopping once the cluster's S x 8 warps reach a block-row's mean number of 32-column units
+// (a warp takes 2 per step for BN <= 32); 0 without clusters, or when even S = max_split would
+// leave more than half the SMs idle.
+inline int decode_split(int R, int M, int64_t units, int num_sms, int max_split) {
   const int64_t ctas = static_cast<int64_t>(R) * ((M + 15) / 16);
   if (ctas >= num_sms) return 1;
-  if (!clusters || 2 * kDecodeMaxSplit * ctas < num_sms) return 0;
+  if (max_split < 2 || 2LL * max_split * ctas < num_sms) return 0;
   int s = 1;
-  while (s < kDecodeMaxSplit && ctas * s < num_sms && 8LL * s * R < units) s *= 2;
+  while (s < max_split && ctas * s < num_sms && 8LL * s * R < units) s *= 2;
   return s;
 }
 cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, int split, cudaStream_t stream);
-bool bsr_decode_clusters();  // the current device runs an sm_90+ binary of bsr_fwd_decode_rows
+// The largest cluster (8, 4, 2) of bsr_fwd_decode_rows the current device runs; 1: no clusters
+// (no sm_90+ build of the kernel for it, or not even 2 CTAs fit).
+int bsr_decode_max_split();
 cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream);
 cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream);
 

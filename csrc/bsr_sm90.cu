@@ -75,8 +75,8 @@ template <int BN> struct Sm90Cfg {
   // BN >= 64: 1 CTA/SM; else <= 110 KB each, 2 CTAs/SM (of 228 KB per SM)
   static constexpr int STAGES = BN >= 64 ? 4 : 5;
   static constexpr int MIN_BLOCKS = BN >= 64 ? 1 : 2;
-  // A CTA per SM slot taking tiles until none is left, except BN = 128: its 128 accumulators
-  // leave too few of the 168 registers a thread has for the loop around the epilogue.
+  // A CTA per SM slot taking tiles until none is left, except BN = 128: with the loop around
+  // the epilogue, ptxas keeps its 128 accumulators partly in local memory (checked, nvcc 13.0).
   static constexpr bool PERSISTENT = BN != 128;
   static constexpr int ZERO_BYTES = (BN >= 64 ? 128 : 64) * 128;  // the most rows one wgmma operand reads
   static constexpr int OUT_LD = BN + 8;                           // SWAP: output tile staged as
@@ -123,8 +123,8 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 // Wait until the phase of parity `parity` has completed (a fresh barrier: parity 1 is done).
-// A wait past ~2^33 cycles (seconds) is a bug (a load that never lands): trap, so the launch
-// fails with an error instead of hanging the process.
+// A wait past ~2^36 cycles (half a minute: compute-sanitizer slows waits a lot) is a bug (a
+// load that never lands): trap, so the launch fails with an error instead of hanging.
 __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
   asm volatile(
@@ -138,7 +138,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   if (mbar_try_wait(bar, parity)) return;
   const long long t0 = clock64();
   while (!mbar_try_wait(bar, parity)) {
-    if (clock64() - t0 > (1LL << 33)) __trap();
+    if (clock64() - t0 > (1LL << 36)) __trap();
   }
 }
 // Box of the tensor map at (c0 = inner column, c1 = row) -> shared dst, tx bytes on bar.
@@ -191,7 +191,9 @@ SC_WGMMA_SPECS(128)
 #undef SC_WGMMA_128
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// Messages through the stages: msg[s] = {live, tile}; tile = -1: no more tiles.
+// Messages through the stages: msg[s] = {live | kLastChunk on a tile's last chunk, tile}; tile
+// = -1: no more tiles. The consumers need nothing else to walk a tile (no global loads).
+constexpr uint32_t kLastChunk = 1u << 31;
 
 // tmap_x: x [M, Kx] (row stride ldx), box [BM rows][KC]; tmap_v: values as [nnzb*BN, BK],
 // box [BN rows][KC]; both with the KC*2-byte swizzle. Unused (may be zero) when nnzb == 0.
@@ -244,7 +246,7 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
       const int r = p.row_order[tile % p.R], m0 = (tile / p.R) * C::BM;
       const int first = p.row_ptr[r], nb = p.row_ptr[r + 1] - first;
       const int nchunks = p.Kx > 0 ? num_chunks(nb, p.bk_shift) : 0;  // no columns of x: y = act(bias)
-      if (nchunks == 0) post(0, tile, 0);  // one message, nothing loaded: the consumers write act(bias)
+      if (nchunks == 0) post(kLastChunk, tile, 0);  // nothing loaded: the consumers write act(bias)
       for (int j = 0; j < nchunks; ++j) {
         int col[4], blk[4];
         uint32_t live = 0, bytes = 0;
@@ -259,7 +261,7 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
           if (col[g] >= 0) live |= 1u << (4 + g), bytes += BN * row_bytes;          // B: values
           if (col[g] >= 0 && col[g] < p.Kx) live |= 1u << g, bytes += C::BM * row_bytes;  // A: x
         }
-        const int s = post(live, tile, bytes);
+        const int s = post(live | (j == nchunks - 1 ? kLastChunk : 0u), tile, bytes);
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
           if (live & (1u << g)) tma_load_2d(stage(s) + g * a_piece, &tmap_x, col[g], m0, full0 + 8 * s);
@@ -288,16 +290,13 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
     int tile;
     message(q, live, tile);
     if (tile < 0) return;
-    const int r = p.row_order[tile % p.R];
-    const int nb = p.row_ptr[r + 1] - p.row_ptr[r];
-    const int msgs = p.Kx > 0 && nb > 0 ? num_chunks(nb, p.bk_shift) : 1;  // as the producer sent them
 #pragma unroll
     for (int mt = 0; mt < C::MT; ++mt) {
 #pragma unroll
       for (int i = 0; i < C::WN / 2; ++i) d[mt][i] = 0.f;
       fence_operands(d[mt]);
     }
-    for (int j = 0; j < msgs; ++j, ++q) {  // a tile with nothing loaded multiplies the zero region
+    for (int j = 0;; ++j) {  // a tile with nothing loaded multiplies the zero region
       const int s = q % C::STAGES;
       if (j > 0) message(q, live, tile);
       const uint32_t sX = stage(s) + wg * (C::BM / 2) * row_bytes, sV = stage(s) + C::A_BYTES;
@@ -321,10 +320,12 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
       wgmma_commit();
       wgmma_wait<1>();                                                 // the previous chunk's wgmma retired:
       if (j > 0) mbar_arrive(empty0 + 8 * ((q - 1) % C::STAGES));  // its stage may be refilled
+      ++q;
+      if (live & kLastChunk) break;
     }
     wgmma_wait<0>();
     mbar_arrive(empty0 + 8 * ((q - 1) % C::STAGES));  // the tile's last stage
-    const int m0 = (tile / p.R) * C::BM;
+    const int r = p.row_order[tile % p.R], m0 = (tile / p.R) * C::BM;
 
     if constexpr (C::SWAP) {
       // d[0][4i + 2h + e] = D[x row 8i + 2t + e of the warpgroup's, weight row 16 (warp % 4) + g + 8h].
@@ -437,8 +438,14 @@ cudaError_t launch_bn(const BsrParams& p, DType dt, int bn, int num_sms, cudaStr
     if (err != cudaSuccess) return err;
     const int64_t tiles = static_cast<int64_t>(p.R) * ((p.M + C::BM - 1) / C::BM);
     if (tiles == 0) return cudaSuccess;  // y has no elements
-    if (p.tile_counter == nullptr || tiles > INT32_MAX) return cudaErrorInvalidValue;
-    const int64_t ctas = C::PERSISTENT ? std::min<int64_t>(tiles, static_cast<int64_t>(num_sms) * C::MIN_BLOCKS) : tiles;
+    // CTAs that fit on an SM here (MIN_BLOCKS unless the shared-memory carveout says fewer)
+    static const int per_sm = [&] {
+      int n = 0;
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, C::NT, C::SMEM) == cudaSuccess && n > 0 ? n : 1;
+    }();
+    const int64_t ctas = C::PERSISTENT ? std::min<int64_t>(tiles, static_cast<int64_t>(num_sms) * per_sm) : tiles;
+    // the queue hands out tiles up to tiles + ctas - 1 (int)
+    if (p.tile_counter == nullptr || tiles + ctas > INT32_MAX) return cudaErrorInvalidValue;
     kernel<<<static_cast<unsigned>(ctas), C::NT, C::SMEM, stream>>>(tmap_x, tmap_v, p);
     return cudaSuccess;
   });

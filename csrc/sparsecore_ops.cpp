@@ -96,7 +96,7 @@ int64_t check_inputs(const Tensor& x, const Tensor& values, const Tensor& row_pt
 
 struct DeviceInfo {
   int major = 0, minor = 0, sms = 0;
-  bool clusters = false;  // the decode kernel runs as an sm_90+ binary here (thread block clusters)
+  int max_split = 1;  // the largest thread block cluster of the decode kernel here (1: none)
 };
 
 const DeviceInfo& device_info(int dev) {
@@ -109,7 +109,7 @@ const DeviceInfo& device_info(int dev) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev].sms, cudaDevAttrMultiProcessorCount, dev));
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(dev));
     const char* env = std::getenv("SPARSECORE_DECODE_CLUSTERS");  // "0": never (a fallback switch)
-    cache[dev].clusters = cache[dev].major >= 9 && bsr_decode_clusters() && !(env && std::string(env) == "0");
+    cache[dev].max_split = env && std::string(env) == "0" ? 1 : bsr_decode_max_split();
   });
   return cache[dev];
 }
@@ -201,7 +201,7 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
     TORCH_CHECK(decode_ok, "cuda_bsr_linear: kernel: 'decode' expects M <= ", kDecodeMaxM,
                 " and BK >= 32, got M=", M, ", BK=", bk);
     const int split = decode_split(p.R, p.M, static_cast<int64_t>(p.nnzb) << (p.bk_shift - 5), info.sms,
-                                   info.clusters);
+                                   info.max_split);
     if (split > 0) {  // one launch, y written directly
       C10_CUDA_CHECK(launch_bsr_decode_rows(p, dt, static_cast<int>(bn), split, stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -380,7 +380,7 @@ int64_t decode_plan(int64_t device, int64_t M, int64_t R, int64_t nnzb, int64_t 
               "nnzb < 2^31, got M=", M, ", block_rows=", R, ", nnzb=", nnzb, ", block_k=", block_k);
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const DeviceInfo& info = device_info(static_cast<int>(device));
-  return decode_split(static_cast<int>(R), static_cast<int>(M), nnzb * (block_k / 32), info.sms, info.clusters);
+  return decode_split(static_cast<int>(R), static_cast<int>(M), nnzb * (block_k / 32), info.sms, info.max_split);
 }
 
 }  // namespace

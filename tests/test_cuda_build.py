@@ -268,8 +268,9 @@ def test_sm90_wgmma_not_serialized(tmp_path):
 def test_decode_plan_rule(tmp_path):
     """decode_split (bsr_kernels.h), compiled on the host over a grid of shapes: 1 when the
     (block-row, 16-row group) CTAs fill the SMs; else without clusters 0 (the split kernel);
-    with clusters the smallest power of two <= 8 that fills the SMs or gives every unit of a
-    mean block-row its own warp (8 per CTA), 0 when even 8 would leave half the SMs idle."""
+    with clusters of up to X CTAs the smallest power of two <= X that fills the SMs or gives
+    every unit of a mean block-row its own warp (8 per CTA), 0 when even X would leave half
+    the SMs idle."""
     from torch.utils import cpp_extension
 
     src = tmp_path / "plan.cpp"
@@ -281,7 +282,7 @@ def test_decode_plan_rule(tmp_path):
           const int ms[] = {1, 16, 17, 64};
           const long long units[] = {0, 5, 64, 500, 5000, 100000};
           for (int sms : {16, 108, 132})
-            for (int r : rs) for (int m : ms) for (long long u : units) for (int c = 0; c < 2; ++c)
+            for (int r : rs) for (int m : ms) for (long long u : units) for (int c : {1, 2, 8})
               std::printf("%d %d %d %lld %d %d\\n", sms, r, m, u, c, sparsecore::decode_split(r, m, u, sms, c));
         }"""))
     home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
@@ -290,17 +291,17 @@ def test_decode_plan_rule(tmp_path):
                    check=True, capture_output=True)
     rows = [tuple(int(v) for v in line.split()) for line in subprocess.run(
         [str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()]
-    assert len(rows) == 3 * 12 * 4 * 6 * 2
-    for sms, r, m, units, clusters, s in rows:
+    assert len(rows) == 3 * 12 * 4 * 6 * 3
+    for sms, r, m, units, most, s in rows:
         ctas = r * -(-m // 16)
         if ctas >= sms:
             assert s == 1
-        elif not clusters or 16 * ctas < sms:
+        elif most == 1 or 2 * most * ctas < sms:
             assert s == 0
         else:
-            assert s in (1, 2, 4, 8)
+            assert s in (1, 2, 4, 8) and s <= most
             done = lambda k: ctas * k >= sms or 8 * k * r >= units  # noqa: E731
-            assert s == 8 or done(s), (sms, r, m, units, s)
+            assert s == most or done(s), (sms, r, m, units, s)
             assert s == 1 or not done(s // 2), (sms, r, m, units, s)
 
 

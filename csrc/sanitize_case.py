@@ -25,7 +25,7 @@ CASES = (  # M, N, K, block, dtype
     (131, 96, 200, (128, 16), torch.bfloat16),
     (300, 128, 64, (64, 64), torch.bfloat16),  # dW with M cut into ranges (fp32 atomics)
     (40, 1450, 96, (32, 32), torch.bfloat16),  # 46 block-rows x 3 row groups >= SMs: decode by rows
-    (5, 630, 2000, (64, 64), torch.float16),  # 10 block-rows: decode in clusters of 4 (sm_90), else split
+    (5, 630, 2000, (64, 64), torch.float16),  # 10 block-rows: decode in clusters (sm_90), else split
     (600, 2200, 100, (16, 16), torch.bfloat16),  # 690 sm90 tiles: persistent CTAs take several each
     (260, 1100, 200, (64, 32), torch.float16),  # sm90 SWAP tiles (BN = 64), 2 M tiles, N % 8 != 0
 )

@@ -149,6 +149,13 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
+// stmatrix .x4 .trans: lane l gives the address of row l % 8 of matrix l / 8; register k holds
+// this lane's (row g, columns 2t, 2t + 1) of matrix k, stored transposed (row c <- column c).
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t (&v)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v[0]),
+               "r"(v[1]), "r"(v[2]), "r"(v[3])
+               : "memory");
+}
 __device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
@@ -328,25 +335,33 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
     const int r = p.row_order[tile % p.R], m0 = (tile / p.R) * C::BM;
 
     if constexpr (C::SWAP) {
-      // d[0][4i + 2h + e] = D[x row 8i + 2t + e of the warpgroup's, weight row 16 (warp % 4) + g + 8h].
-      // Stage act(D + bias) as out[BM][OUT_LD], then copy whole 16-byte row pieces to y. Named
-      // barrier 1 of the consumers: the previous tile's copy is done / this tile's tile is complete.
+      // d[0][4i + 2h + e] = D[x row 8i + 2t + e of the warpgroup's, weight row 16 (warp % 4) + g + 8h]:
+      // for each (i, h) the 8x8 matrix [g][2t + e] of an mma fragment, which stmatrix .trans
+      // stores transposed: its row c (x row 8i + c) = 16 bytes of weight rows 16 (warp % 4) + 8h
+      // + 0..7 at out[x row][..]. Stage act(D + bias) so, then copy whole 16-byte row pieces to
+      // y. Named barrier 1 of the consumers: the previous tile's copy is done / the tile is staged.
       fence_operands(d[0]);
       T* out = reinterpret_cast<T*>(smem + (outb - smem_addr(smem)));
       const T* bias = static_cast<const T*>(p.bias);
-      asm volatile("bar.sync 1, %0;\n" ::"n"(C::CONSUMERS) : "memory");
+      float bv[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int wr = 16 * (warp & 3) + g + 8 * h, n = r * BN + wr;
-        const float bv = bias && n < p.N ? Elem<T>::to_float(bias[n]) : 0.f;
+        const int n = r * BN + 16 * (warp & 3) + 8 * h + g;
+        bv[h] = bias && n < p.N ? Elem<T>::to_float(bias[n]) : 0.f;
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(C::CONSUMERS) : "memory");
+      const int mi = lane >> 3, c = lane & 7;  // this lane addresses row c of matrix mi of each x4
 #pragma unroll
-        for (int i = 0; i < C::WN / 8; ++i) {
+      for (int i = 0; i < C::WN / 8; i += 2) {  // matrices (i, 0), (i, 1), (i + 1, 0), (i + 1, 1)
+        uint32_t v[4];
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int row = wg * C::WN + 8 * i + 2 * t + e;
-            out[row * C::OUT_LD + wr] = Elem<T>::from_float(activate(d[0][4 * i + 2 * h + e] + bv, p.activation));
-          }
+        for (int k = 0; k < 4; ++k) {
+          const int j = 4 * (i + (k >> 1)) + 2 * (k & 1);
+          v[k] = Elem<T>::pack(activate(d[0][j] + bv[k & 1], p.activation),
+                               activate(d[0][j + 1] + bv[k & 1], p.activation));
         }
+        const int row = wg * C::WN + 8 * (i + (mi >> 1)) + c, col = 16 * (warp & 3) + 8 * (mi & 1);
+        stmatrix_x4_trans(smem_addr(out + row * C::OUT_LD + col), v);
       }
       asm volatile("bar.sync 1, %0;\n" ::"n"(C::CONSUMERS) : "memory");
       T* y = static_cast<T*>(p.y);

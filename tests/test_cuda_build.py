@@ -239,6 +239,8 @@ def test_sass_uses_tensor_cores():
                 assert op in body, f"{name}: no {op}"
             # one wgmma group left in flight while the next chunk is prepared
             assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in body, f"{name}: wgmma not overlapped"
+            if "Li64E" in name:  # SWAP: N = 128 rows of x, the transposed tile staged by stmatrix .trans
+                assert re.search(r"HGMMA\.64x128x16", body) and "STSM.16.MT88.4" in body, name
     for a in _archs():
         for k in ("bsr_fwd_sm80", "bsr_fwd_decode", "bsr_fwd_decode_rows", "bsr_dx_sm80", "bsr_dw_sm80") + (
                 ("bsr_fwd_sm90",) if a == "90a" else ()):

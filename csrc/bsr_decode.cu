@@ -267,27 +267,36 @@ cudaError_t launch(const BsrParams& p, int num_sms, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// split > 1 launches clusters of `split` CTAs (at most bsr_decode_max_split() on this device).
-template <typename T, int BN>
-cudaError_t launch_rows(const BsrParams& p, int split, cudaStream_t stream) {
-  using C = DecodeRowsCfg<BN>;
-  const auto kernel = bsr_fwd_decode_rows<T, BN>;
-  if (split > kDecodeMaxSplit) return cudaErrorInvalidConfiguration;  // split <= bsr_decode_max_split(): the caller's
-  cudaError_t err;
-  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM)) != cudaSuccess)
-    return err;
-  cudaLaunchAttribute cluster{};
+// The launch of a bsr_fwd_decode_rows<., BN> on `ctas` CTAs in clusters of `split` (1: plain);
+// the config points at `cluster`, which the caller keeps alive.
+template <int BN>
+cudaLaunchConfig_t rows_config(unsigned ctas, int split, cudaStream_t stream, cudaLaunchAttribute& cluster) {
+  cluster = cudaLaunchAttribute{};
   cluster.id = cudaLaunchAttributeClusterDimension;
   cluster.val.clusterDim.x = split;
   cluster.val.clusterDim.y = 1;
   cluster.val.clusterDim.z = 1;
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.R) * ((p.M + 15) / 16) * split);
-  cfg.blockDim = dim3(C::NT);
-  cfg.dynamicSmemBytes = C::SMEM;
+  cfg.gridDim = dim3(ctas);
+  cfg.blockDim = dim3(DecodeRowsCfg<BN>::NT);
+  cfg.dynamicSmemBytes = DecodeRowsCfg<BN>::SMEM;
   cfg.stream = stream;
   cfg.attrs = &cluster;
   cfg.numAttrs = split > 1 ? 1 : 0;
+  return cfg;
+}
+
+// split > 1 launches clusters of `split` CTAs (at most bsr_decode_max_split() on this device).
+template <typename T, int BN>
+cudaError_t launch_rows(const BsrParams& p, int split, cudaStream_t stream) {
+  const auto kernel = bsr_fwd_decode_rows<T, BN>;
+  if (split > kDecodeMaxSplit) return cudaErrorInvalidConfiguration;  // the caller keeps split <= bsr_decode_max_split()
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               DecodeRowsCfg<BN>::SMEM);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t cfg =
+      rows_config<BN>(static_cast<unsigned>(p.R) * ((p.M + 15) / 16) * split, split, stream, cluster);
   return cudaLaunchKernelEx(&cfg, kernel, p, split);
 }
 
@@ -330,17 +339,8 @@ int bsr_decode_max_split() {
       cudaSuccess)
     return 1;
   for (int s = kDecodeMaxSplit; s >= 2; s /= 2) {  // a small GPU, MIG slice or MPS share may fit fewer
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = s;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(s);
-    cfg.blockDim = dim3(DecodeRowsCfg<128>::NT);
-    cfg.dynamicSmemBytes = DecodeRowsCfg<128>::SMEM;
-    cfg.attrs = &cluster;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute cluster;
+    const cudaLaunchConfig_t cfg = rows_config<128>(s, s, nullptr, cluster);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n >= 1) return s;
   }

@@ -59,13 +59,14 @@ bool bsr_sm90_built();
 // y = act(ws + bias).
 constexpr int kDecodeMaxM = 64;
 constexpr int kDecodeMaxSplit = 8;  // portable cluster size
-// ctas = R x ceil(M/16); max_split: the largest cluster this device runs (1: none). S = 1
+// ctas = R x ceil(M/16); units = nnzb x BK/32 (32-column slices of the kept blocks);
+// max_split: the largest cluster this device runs (1: none). S = 1
 // when ctas >= #SMs. Else the smallest power of two S <= max_split with ctas x S >= #SMs,
 // stopping once the cluster's S x 8 warps reach a block-row's mean number of 32-column units
 // (a warp takes 2 per step for BN <= 32); 0 without clusters, or when even S = max_split would
 // leave more than half the SMs idle.
-inline int decode_split(int R, int M, int64_t units, int num_sms, int max_split) {
-  const int64_t ctas = static_cast<int64_t>(R) * ((M + 15) / 16);
+inline int decode_split(int R, int M, int64_t nnzb, int bk_shift, int num_sms, int max_split) {
+  const int64_t ctas = static_cast<int64_t>(R) * ((M + 15) / 16), units = nnzb << (bk_shift - 5);
   if (ctas >= num_sms) return 1;
   if (max_split < 2 || 2LL * max_split * ctas < num_sms) return 0;
   int s = 1;

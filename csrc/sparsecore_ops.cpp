@@ -200,8 +200,7 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   if (which == "decode") {
     TORCH_CHECK(decode_ok, "cuda_bsr_linear: kernel: 'decode' expects M <= ", kDecodeMaxM,
                 " and BK >= 32, got M=", M, ", BK=", bk);
-    const int split = decode_split(p.R, p.M, static_cast<int64_t>(p.nnzb) << (p.bk_shift - 5), info.sms,
-                                   info.max_split);
+    const int split = decode_split(p.R, p.M, p.nnzb, p.bk_shift, info.sms, info.max_split);
     if (split > 0) {  // one launch, y written directly
       C10_CUDA_CHECK(launch_bsr_decode_rows(p, dt, static_cast<int>(bn), split, stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -380,7 +379,8 @@ int64_t decode_plan(int64_t device, int64_t M, int64_t R, int64_t nnzb, int64_t 
               "nnzb < 2^31, got M=", M, ", block_rows=", R, ", nnzb=", nnzb, ", block_k=", block_k);
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const DeviceInfo& info = device_info(static_cast<int>(device));
-  return decode_split(static_cast<int>(R), static_cast<int>(M), nnzb * (block_k / 32), info.sms, info.max_split);
+  const int bk_shift = __builtin_ctzll(static_cast<unsigned long long>(block_k));
+  return decode_split(static_cast<int>(R), static_cast<int>(M), nnzb, bk_shift, info.sms, info.max_split);
 }
 
 }  // namespace

@@ -285,7 +285,7 @@ def test_decode_plan_rule(tmp_path):
           const long long units[] = {0, 5, 64, 500, 5000, 100000};
           for (int sms : {16, 108, 132})
             for (int r : rs) for (int m : ms) for (long long u : units) for (int c : {1, 2, 8})
-              std::printf("%d %d %d %lld %d %d\\n", sms, r, m, u, c, sparsecore::decode_split(r, m, u, sms, c));
+              std::printf("%d %d %d %lld %d %d\\n", sms, r, m, u, c, sparsecore::decode_split(r, m, u, 5, sms, c));
         }"""))
     home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
     exe = tmp_path / "plan"

@@ -187,6 +187,28 @@ def _backward(ctx, dy):
 
 _bsr_linear.register_autograd(_backward, setup_context=_setup_context)
 
+# torch.autocast: the policy of F.linear (lower precision). Floating inputs on the autocast
+# device, float64 excepted, go to the autocast dtype (differentiably: fp32 parameters get fp32
+# gradients through the cast), then the op runs with autocast off, so a backend's own torch
+# calls never see it. The grad ops too: CPU autograd runs backward() under the caller's autocast.
+_AUTOCAST = torch.library.Library("sparsecore", "FRAGMENT")
+
+
+def _autocast_kernel(op, device_type: str):
+    def cast(a):
+        eligible = isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64
+        return a.to(torch.get_autocast_dtype(device_type)) if eligible and a.device.type == device_type else a
+
+    def kernel(*args, **kwargs):
+        with torch.autocast(device_type, enabled=False):
+            return op(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+    return kernel
+
+
+for _op in (_bsr_linear, _grad_input, _grad_weight):
+    for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        _AUTOCAST.impl(_op._name, _autocast_kernel(_op._opoverload, _device_type), _key)
+
 
 def bsr_linear_tensors(x: Tensor, values: Tensor, meta: dict, out_features: int, bias: Optional[Tensor] = None,
                        activation: str = "none", backend: str = "auto") -> Tensor:

@@ -67,6 +67,55 @@ def test_backward_matches_masked_dense(act, dtype):
     assert_close(dV, wd.grad * mask, dtype)
 
 
+@pytest.mark.parametrize("device,backend", [
+    ("cpu", "torch"),
+    pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_autocast_like_f_linear(device, backend, dtype, act):
+    """Under torch.autocast an fp32 layer runs in the autocast dtype, as F.linear does, and its
+    fp32 tensors get fp32 gradients, with backward() inside the region too; float64 is left alone."""
+    if backend == "cuda" and not sc.backends.module("cuda").available()[0]:
+        pytest.skip(sc.backends.module("cuda").available()[1])
+    g = torch.Generator().manual_seed(11)
+    w, m = random_weight(96, 80, 32, 0.5, generator=g, empty_rows=1)
+    W = sc.BlockSparseWeight.from_dense(w, m).to(device)
+    x = torch.randn(3, 17, 80, generator=g).to(device).requires_grad_(True)
+    bias = torch.randn(96, generator=g).to(device).requires_grad_(True)
+    values = W.values.clone().requires_grad_(True)
+    dy = torch.randn(3, 17, 96, generator=g).to(device, dtype)
+    with torch.autocast(device, dtype=dtype):
+        y = sc.ops.bsr_linear_tensors(x, values, W.meta, 96, bias, act, backend)
+        y.backward(dy)
+        y64 = sc.ops.bsr_linear_tensors(x.detach().double(), values.detach().double(), W.meta, 96, None, act, "torch")
+    assert y.dtype == dtype and y64.dtype == torch.float64
+    assert values.grad.dtype == x.grad.dtype == bias.grad.dtype == torch.float32
+    # oracle: float64 autograd on the inputs rounded to the autocast dtype, as the kernels see them
+    xd, wd, bd = (t.detach().to(dtype).double().requires_grad_(True) for t in (x, W.to_dense(), bias))
+    yd = oracle(xd.reshape(-1, 80), wd, bd, act)
+    yd.backward(dy.reshape(-1, 96).double())
+    assert_close(y.reshape(-1, 96), yd, dtype)
+    assert_close(x.grad, xd.grad.reshape(x.shape), dtype)
+    assert_close(bias.grad, bd.grad, dtype)
+    mask = m.to_dense().to(device)
+    assert_close(sc.BlockSparseWeight(values.grad, W.shape, W.block, W.meta).to_dense(), wd.grad * mask, dtype)
+    assert_close(y64, oracle(x.detach().reshape(-1, 80), W.to_dense(), None, act).reshape(y64.shape),
+                 torch.float64)
+
+
+def test_autocast_compile_fullgraph():
+    torch._dynamo.reset()
+    lin = sc.SparseLinear.from_dense(torch.nn.Linear(64, 96), block=32, sparsity=0.5)
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.compile(lin, fullgraph=True, backend="aot_eager")(x)
+    assert y.dtype == torch.bfloat16
+    ref = oracle(x.bfloat16(), lin.dense_weight().detach().bfloat16(), lin.bias.detach().bfloat16())
+    assert_close(y, ref, torch.bfloat16)
+
+
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(5)
     w, m = random_weight(40, 36, 16, 0.5, torch.float64, generator=g)

@@ -7,6 +7,10 @@ State (all plain tensors, so ``state_dict`` survives ``torch.save`` and safetens
     mask    buffer bool [R, C]         which blocks are kept (defines all metadata)
     row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order
             non-persistent int32 buffers, rebuilt from ``mask`` (format.build_metadata)
+
+On the meta device (``device="meta"`` or ``with torch.device("meta")``) the layer has its
+shapes but no data: ``load_state_dict(sd, assign=True)``, or ``to_empty(device=...)`` then
+``load_state_dict(sd)``, gives it the checkpoint's mask and rebuilds the metadata from it.
 """
 from __future__ import annotations
 
@@ -38,21 +42,23 @@ class SparseLinear(nn.Module):
         self.block = normalize_block(block)
         self.backend = backend
         grid = grid_shape((out_features, in_features), self.block)
-        if mask is None:
-            mask = torch.ones(grid, dtype=torch.bool)
+        if mask is None:  # on the CPU even under `with torch.device("meta")`: the structure needs data
+            mask = torch.ones(grid, dtype=torch.bool, device="cpu")
         bm = mask if isinstance(mask, BlockMask) else BlockMask(mask, self.block, (out_features, in_features))
         check(bm.block == self.block and bm.shape == (out_features, in_features), "mask",
               f"a mask of block {self.block} for shape {(out_features, in_features)}",
               f"block {bm.block}, shape {bm.shape}")
+        check(not bm.mask.is_meta, "mask", "a tensor with data (it defines the layer's shapes)", "a meta tensor")
         factory = {"device": device, "dtype": dtype}
         self.values = nn.Parameter(torch.empty(bm.nnzb, *self.block, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.register_buffer("mask", bm.mask.to(device=device), persistent=True)
-        self._rebuild_metadata()
+        self._set_structure(bm.mask, self.values.device)
         self.reset_parameters()
 
     def reset_parameters(self):
         """``nn.Linear``'s init (kaiming-uniform, a=sqrt(5)) on the kept entries."""
+        if self.values.is_meta:  # no data to initialize
+            return
         bound = 1 / math.sqrt(self.in_features)
         with torch.no_grad():
             dense = torch.empty(self.out_features, self.in_features, dtype=self.values.dtype,
@@ -85,9 +91,11 @@ class SparseLinear(nn.Module):
         return lin
 
     # -- mask and metadata -----------------------------------------------------------------
-    def _rebuild_metadata(self):
-        for name, t in build_metadata(self.mask).items():
-            self.register_buffer(name, t, persistent=False)
+    def _set_structure(self, mask: torch.Tensor, device):
+        """A copy of ``mask`` and the metadata built from it (where it has data), on ``device``."""
+        self.register_buffer("mask", mask.to(device, copy=True), persistent=True)
+        for name, t in build_metadata(mask).items():
+            self.register_buffer(name, t.to(device), persistent=False)
 
     def block_mask(self) -> BlockMask:
         return BlockMask(self.mask, self.block, (self.out_features, self.in_features))
@@ -104,8 +112,7 @@ class SparseLinear(nn.Module):
         with torch.no_grad():
             src = self.dense_weight() if weight is None else weight.to(self.values)
             new = BlockSparseWeight.from_dense(src, bm.to(self.values.device)).values
-        self.mask = bm.mask.to(self.mask.device)
-        self._rebuild_metadata()
+        self._set_structure(bm.mask, self.mask.device)
         self.values = nn.Parameter(new, requires_grad=self.values.requires_grad)
 
     @property
@@ -144,8 +151,9 @@ class SparseLinear(nn.Module):
         mask = state_dict.get(prefix + "mask")
         if isinstance(mask, torch.Tensor):
             grid = tuple(self.mask.shape)
-            if mask.dtype != torch.bool or tuple(mask.shape) != grid:
-                error_msgs.append(f"{prefix}mask: expected bool {grid}, got {mask.dtype} {tuple(mask.shape)}")
+            if mask.dtype != torch.bool or tuple(mask.shape) != grid or mask.is_meta:
+                error_msgs.append(f"{prefix}mask: expected bool {grid} with data, got {mask.dtype} "
+                                  f"{tuple(mask.shape)} on {mask.device}")
                 return
             vals = state_dict.get(prefix + "values")
             nnzb = int(mask.sum())
@@ -153,9 +161,10 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"{prefix}values: expected shape {(nnzb, *self.block)} for the checkpoint's mask, "
                                   f"got {tuple(vals.shape)}")
                 return
-            if not torch.equal(mask.to(self.mask.device), self.mask):
-                self.mask = mask.to(self.mask.device).clone()
-                self._rebuild_metadata()
+            # the checkpoint's mask defines the structure: metadata rebuilt where the mask ends up
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            self._set_structure(mask, mask.device if assign else self.mask.device)
+            if self.values.shape[0] != nnzb:
                 self.values = nn.Parameter(self.values.new_empty(nnzb, *self.block),
                                            requires_grad=self.values.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

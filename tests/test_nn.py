@@ -70,6 +70,29 @@ def test_load_state_dict_rejects_inconsistent():
         dst.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("how", ["assign", "to_empty"])
+def test_meta_device_then_checkpoint(how):
+    """Built on the meta device (as nn.Linear, for big models), then given a checkpoint whose
+    mask differs from the constructor's: the loaded layer computes the checkpoint's weight."""
+    src = sc.SparseLinear.from_dense(_lin(seed=2), block=(16, 32), sparsity=0.6)
+    with torch.device("meta"):
+        dst = sc.SparseLinear(96, 80, block=(16, 32))
+    direct = sc.SparseLinear(96, 80, block=(16, 32), mask=src.mask, device="meta")
+    assert dst.values.is_meta and dst.row_ptr.is_meta and dst.values.shape == (5 * 3, 16, 32)
+    assert direct.values.shape == src.values.shape and direct.mask.is_meta
+    if how == "assign":
+        dst.load_state_dict(src.state_dict(), assign=True)
+    else:
+        dst.to_empty(device="cpu").load_state_dict(src.state_dict())
+    assert not any(t.is_meta for t in (*dst.parameters(), *dst.buffers()))
+    assert dst.values.shape == src.values.shape and dst.values.requires_grad
+    x = torch.randn(4, 96)
+    ref = oracle(x, src.dense_weight().detach(), src.bias.detach())
+    assert_close(dst(x), ref, torch.float32)
+    with pytest.raises(sc.SparseCoreError, match="mask: expected a tensor with data"):
+        sc.SparseLinear(96, 80, block=(16, 32), mask=src.mask.to("meta"))
+
+
 def test_dtype_and_device_moves():
     sl = sc.SparseLinear.from_dense(_lin(), block=32, sparsity=0.5)
     for conv, dt in ((lambda m: m.half(), torch.float16), (lambda m: m.bfloat16(), torch.bfloat16),

@@ -15,6 +15,7 @@ building random dense layers. ``from_pretrained(AutoModel, path)`` below rebuild
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 
@@ -119,10 +120,28 @@ def from_pretrained(cls_or_auto, path, dtype=None, device=None) -> nn.Module:
     check(is_model_class or hasattr(cls_or_auto, "from_config"), "cls_or_auto",
           "a transformers Auto class or PreTrainedModel subclass", repr(cls_or_auto))
 
-    def build():
-        model = cls_or_auto(config) if is_model_class else cls_or_auto.from_config(config)
-        return model.to(device=device, dtype=dtype or io.stored_dtype(weights))
+    def build():  # the skeleton: no memory and no random init for the dense weights
+        with _parameters_on_meta():
+            return cls_or_auto(config) if is_model_class else cls_or_auto.from_config(config)
 
-    model = io.load(build, weights)
+    model = io.load(build, weights).to(device=device, dtype=dtype or io.stored_dtype(weights))
     model.config.sparsity_config = sparse_cfg
     return model.eval()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (initializers do nothing
+    there) and real buffers: RoPE tables and position ids are computed, not loaded."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

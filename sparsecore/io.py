@@ -278,8 +278,10 @@ def load(model_or_factory, path, strict: bool = True) -> nn.Module:
     ``model_or_factory``: the model (its dense ``nn.Linear`` layers or ``SparseLinear`` layers
     of the same block), or a zero-argument callable building one. Sparse layers of the file
     replace the model's ``nn.Linear`` in place (dtype and device of the model are kept).
-    ``strict``: every key of the model must be in the file and vice versa (as
-    ``load_state_dict``). Everything is validated before the model changes.
+    A model whose parameters are on the meta device (built without memory or init, e.g. under
+    ``torch.device("meta")``) takes the file's tensors as they are: on the CPU, in the file's
+    dtypes, tied parameters tied again. ``strict``: every key of the model must be in the
+    file and vice versa (as ``load_state_dict``). Everything is validated before the model changes.
     """
     info, tensors = read(path)
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else None
@@ -320,6 +322,15 @@ def load(model_or_factory, path, strict: bool = True) -> nn.Module:
         check(t.dtype == dtype or (t.dtype.is_floating_point and dtype.is_floating_point), key,
               f"dtype {dtype} (model)", f"{t.dtype} in the file")
 
+    # on the meta device everything must come from the file (a sparse layer's metadata is
+    # rebuilt from its mask; a swapped nn.Linear's weight becomes its values)
+    named = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+    on_meta = [k for k, t in named if t.is_meta]
+    left = [k for k in on_meta if k not in tensors
+            and not (k.rpartition(".")[0] in info["layers"] and k.rpartition(".")[2] in ("weight", *META_FIELDS))]
+    check(not left, "model_or_factory", "a model whose meta-device tensors all come from the file",
+          f"{left[:5]} not in it")
+
     # 2. mutate: build replacements, swap them in, load
     new = {fqn: SparseLinear(lin.in_features, lin.out_features, lin.bias is not None, block=block, mask=mask,
                              device=lin.weight.device, dtype=lin.weight.dtype)
@@ -328,5 +339,22 @@ def load(model_or_factory, path, strict: bool = True) -> nn.Module:
         m.train(swaps[fqn][0].training)
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, m)
-    model.load_state_dict(tensors, strict=strict)
+    if not on_meta:
+        model.load_state_dict(tensors, strict=strict)
+        return model
+    # the file's tensors become the model's: each in an aligned allocation of its own (safetensors
+    # hands some out at an offset, where CPU kernels take other code paths and round differently)
+    own: dict[int, torch.Tensor] = {}
+    for t in tensors.values():
+        if id(t) not in own:
+            own[id(t)] = t if t.data_ptr() % 64 == 0 else t.clone()
+    tensors = {k: own[id(t)] for k, t in tensors.items()}
+    ties: dict[int, list[str]] = {}  # parameter -> all its names (tied weights)
+    for name, prm in model.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(prm), []).append(name)
+    model.load_state_dict(tensors, strict=strict, assign=True)
+    for first, *others in ties.values():  # assign made a parameter per name: tie them again
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, model.get_parameter(first))
     return model

@@ -83,6 +83,19 @@ def test_llama_lm_head_stays_dense_and_tied(tmp_path):
     assert torch.equal(hidden(loaded), hidden(model))
 
 
+def test_from_pretrained_skeleton_has_no_dense_weights():
+    """from_pretrained builds the architecture with parameters on the meta device (no memory,
+    no random init) and real buffers (RoPE tables are computed, not loaded)."""
+    ref = llama(torch.float32)
+    with schf._parameters_on_meta():
+        skeleton = LlamaForCausalLM(ref.config)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight
+    bufs = dict(skeleton.named_buffers())
+    assert bufs and all(torch.equal(b, ref.get_buffer(k)) for k, b in bufs.items())
+    assert not next(LlamaForCausalLM(ref.config).parameters()).is_meta  # the patch is gone
+
+
 @pytest.mark.parametrize("cls", [AutoModel, BertModel])
 def test_bert_save_pretrained_round_trip(tmp_path, cls):
     model = bert(torch.float32)

@@ -60,7 +60,7 @@ IDS = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
 
 
 # -- round trips -----------------------------------------------------------------------------
-@pytest.mark.parametrize("target", ["dense", "factory", "sparse"])
+@pytest.mark.parametrize("target", ["dense", "factory", "sparse", "meta"])
 def test_round_trip_matches_saved_model_and_oracle(tmp_path, target):
     dense, model = sparse_net(dtype=torch.float64)
     path = tmp_path / "m.safetensors"
@@ -70,9 +70,13 @@ def test_round_trip_matches_saved_model_and_oracle(tmp_path, target):
         loaded = scio.load(Net().double(), path)
     elif target == "factory":
         loaded = scio.load(lambda: Net().double(), path)
-    else:  # already sparse, same block, another mask: the file's mask wins
+    elif target == "sparse":  # same block, another mask: the file's mask wins
         other = sc.sparsify(Net().double(), block=(32, 16), sparsity=0.2, filter_fn=lambda m, f: f in ("up", "down"))
         loaded = scio.load(other, path)
+    else:  # no memory, no init: the file's tensors become the model's
+        with torch.device("meta"):
+            loaded = scio.load(Net(), path)
+        assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
     for fqn in ("up", "down"):
         a, b = getattr(model, fqn), getattr(loaded, fqn)
         assert isinstance(b, sc.SparseLinear) and b.block == a.block
@@ -93,9 +97,24 @@ def test_tied_weights_stored_once_and_stay_tied(tmp_path):
     assert header["sparsecore"]["aliases"] == {"head.weight": "emb.weight"}
     with safe_open(str(path), "pt") as f:
         assert "head.weight" not in f.keys() and "emb.weight" in f.keys()
-    loaded = scio.load(Net(tied=True), path)
-    assert loaded.head.weight is loaded.emb.weight
-    assert torch.equal(loaded.head.weight, model.emb.weight)
+    with torch.device("meta"):
+        on_meta = Net(tied=True)
+    for target in (Net(tied=True), on_meta):
+        loaded = scio.load(target, path)
+        assert loaded.head.weight is loaded.emb.weight
+        assert torch.equal(loaded.head.weight, model.emb.weight)
+
+
+def test_meta_model_needs_every_tensor_from_the_file(tmp_path):
+    _, model = sparse_net()
+    path = tmp_path / "m.safetensors"
+    scio.save(model, path)
+    target = Net().to("meta")
+    target.register_buffer("table", torch.empty(3, device="meta"), persistent=False)  # computed, not saved
+    types = {fqn: type(m) for fqn, m in target.named_modules()}
+    with pytest.raises(sc.SparseCoreError, match=r"model_or_factory: expected a model whose meta-device .*table"):
+        scio.load(target, path)
+    assert {fqn: type(m) for fqn, m in target.named_modules()} == types and target.up.weight.is_meta
 
 
 @pytest.mark.parametrize("saved,target", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)])

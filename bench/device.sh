@@ -5,6 +5,12 @@
 #
 #   bash bench/device.sh            # results in $OUT (default ./out)
 #
+# Baselines the GPU image lacks travel as wheels in .whl/ (git-ignored; the run tool's
+# carry [".whl"]), fetched here for the image's Python 3.12 with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl torchao==0.18.0
+# and installed under /tmp/site first (torchao 0.18: the torchao-bsr rows).
+#
 # Env: OUT, DEVICE_BUDGET_S, BENCH_ARGS (default --quick), MAX_JOBS (16), CUDA_HOME (from nvcc),
 # PYTHON (python3), SPARSECORE_COMMIT (default: git rev-parse, for copies without .git).
 # Files written to $OUT (at most 8): bench.csv, bench.png, table.txt, summary.txt, logs.tar.gz.
@@ -71,6 +77,12 @@ finish() {
     echo "device.sh: $([ "$STATUS" -eq 0 ] && echo OK || echo FAILED) in ${SECONDS}s"
     exit "$STATUS"
 }
+
+# 0. carried wheels (baselines only: if this fails, their rows are missing)
+if compgen -G ".whl/*.whl" >/dev/null; then
+    stage wheels 60 "$LOGS/wheels.log" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 # 1. install: editable, builds sparsecore._C from csrc/ with all cores (pure Python if it cannot)
 if ! stage install 150 "$LOGS/install.log" \

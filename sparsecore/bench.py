@@ -554,7 +554,7 @@ class TorchBSR(Provider):
 
 
 class TorchAO(Provider):
-    """torchao 0.18 block sparsity (``sparsify_`` with ``BlockSparseWeightConfig``), if importable."""
+    """torchao 0.18 block sparsity (``sparsify_`` with ``block_sparse_weight``), if importable."""
     name = "torchao-bsr"
 
     def available(self, device, dtype):
@@ -565,13 +565,13 @@ class TorchAO(Provider):
         return device == "cuda", "torchao block sparsity needs CUDA"
 
     def linear(self, prob, name, w_eff, s, activation):
-        from torchao.sparsity import BlockSparseWeightConfig, sparsify_
+        from torchao.sparsity import block_sparse_weight, sparsify_  # 0.18 exports this name only
         if s.block[0] != s.block[1]:
             raise Unsupported("square blocks only")
         mod = torch.nn.Linear(w_eff.shape[1], w_eff.shape[0], bias=False, device=w_eff.device, dtype=w_eff.dtype)
         with torch.no_grad():
             mod.weight.copy_(w_eff)
-        sparsify_(mod, BlockSparseWeightConfig(blocksize=s.block[0]))
+        sparsify_(mod, block_sparse_weight(blocksize=s.block[0]))
         return _flat(lambda x: _act(mod(x), activation), w_eff.shape[0])
 
 

@@ -30,13 +30,30 @@ def _skip_reason(module: nn.Linear, parent: nn.Module | None) -> str | None:
 
 
 def target_linears(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Linear]]:
-    """``(fqn, layer)`` for every Linear that ``filter_fn(module, fqn)`` accepts and we can handle."""
+    """``(fqn, layer)`` for every Linear that ``filter_fn(module, fqn)`` accepts and we can handle.
+
+    A Linear with a parameter shared with another module (tied weights, e.g. an LM head tied
+    to the embedding) or registered under two names is left dense: pruning it would prune the
+    other user of that tensor too.
+    """
+    check(filter_fn is None or callable(filter_fn), "filter_fn", "None or a callable(module, fqn) -> bool",
+          type(filter_fn).__name__)
     parents = {fqn: m for fqn, m in model.named_modules()}
+    names: dict[int, list[str]] = {}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(fqn)
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(fqn)
     out = []
     for fqn, m in model.named_modules():
         if not isinstance(m, nn.Linear) or (filter_fn is not None and not filter_fn(m, fqn)):
             continue
-        reason = _skip_reason(m, parents.get(fqn.rpartition(".")[0]))
+        check(fqn != "", "model", "a module containing the nn.Linear layers (the root cannot be swapped in place)",
+              "a bare nn.Linear: wrap it, e.g. nn.Sequential(linear)")
+        shared = [n for p in m.parameters(recurse=False) for n in names[id(p)] if n.rpartition(".")[0] != fqn]
+        reason = (f"registered under several names {names[id(m)]}" if len(names[id(m)]) > 1 else
+                  f"a parameter is shared with {shared[0]} (tied)" if shared else
+                  _skip_reason(m, parents.get(fqn.rpartition(".")[0])))
         if reason:
             log.info("sparsify: skipping %s: %s", fqn, reason)
             continue

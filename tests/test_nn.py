@@ -196,3 +196,42 @@ def _dense_state(model):
             sd[f"{name}.weight"] = m.dense_weight().detach()
             sd.pop(f"{name}.values")
     return sd
+
+
+def test_sparsify_leaves_shared_layers_dense():
+    """A Linear whose weight another module uses too (a tied LM head) or registered twice stays
+    dense and untouched: pruning it in place would prune the other user of the tensor."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(64, 32), "head": nn.Linear(32, 64, bias=False),
+                           "mlp": nn.Linear(32, 32), "twice": nn.Linear(32, 32)})
+    model.head.weight = model.emb.weight
+    model.again = model.twice
+    emb = model.emb.weight.detach().clone()
+    sc.sparsify(model, block=16, sparsity=0.5)
+    assert isinstance(model.mlp, sc.SparseLinear) and model.mlp.density == 0.5
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    assert torch.equal(model.emb.weight, emb)
+    assert type(model.twice) is nn.Linear and model.again is model.twice
+    with pytest.raises(sc.SparseCoreError, match="model: expected a module containing"):
+        sc.sparsify(nn.Linear(32, 32), block=16, sparsity=0.5)
+    with pytest.raises(sc.SparseCoreError, match="filter_fn"):
+        sc.sparsify(model, block=16, sparsity=0.5, filter_fn=5)
+
+
+def test_calibration_runs_in_eval_mode_and_restores_modes():
+    """Calibration is inference: dropout off, BatchNorm statistics untouched, so a model in
+    train mode gets the same masks and refit as in eval mode, and keeps its modes."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.Dropout(0.5), nn.ReLU(), nn.Linear(64, 32))
+
+    batches = [torch.randn(16, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    kw = dict(block=16, sparsity=0.5, method="wanda", calibration=batches, reconstruct=True)
+    a, b = net().train(), net().eval()
+    stats = a[1].running_mean.clone(), int(a[1].num_batches_tracked)
+    sc.sparsify(a, **kw)
+    sc.sparsify(b, **kw)
+    assert a.training and all(m.training for m in a) and not b.training
+    assert torch.equal(a[1].running_mean, stats[0]) and int(a[1].num_batches_tracked) == stats[1]
+    for i in (0, 4):
+        assert torch.equal(a[i].mask, b[i].mask) and torch.equal(a[i].values, b[i].values)

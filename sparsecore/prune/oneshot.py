@@ -29,6 +29,7 @@ model's input (SparseGPT's target).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -112,6 +113,17 @@ def sensitivity_allocation(errors: dict, sizes: dict, sparsity: float) -> dict:
     return s
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def plan(model, targets, *, block, sparsity, method="magnitude", calibration=None, reconstruct=False,
          balanced=False, score="l2", allocation="uniform", layer_block=None, sequential=None, damp=0.01,
          refit_target="dense"):
@@ -146,83 +158,84 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
         check(not unknown, "allocation", "fqns of layers being pruned", unknown[:3])
         sparsities.update({fqn: check_sparsity(s) for fqn, s in allocation.items()})
 
-    batches = calibrate.as_batches(calibration) if needs_data else None
-    first_gram = (reconstruct and not sequential) or allocation == "sensitivity"
-    first = calibrate.collect(model, layers, batches, gram=first_gram) if needs_data else None
+    with _eval_mode(model):  # calibration as inference: no dropout, BatchNorm statistics untouched
+        batches = calibrate.as_batches(calibration) if needs_data else None
+        first_gram = (reconstruct and not sequential) or allocation == "sensitivity"
+        first = calibrate.collect(model, layers, batches, gram=first_gram) if needs_data else None
 
-    def importance(fqn, stats):
-        w = layers[fqn].weight.detach()
-        if method == "wanda":
-            return wanda.importance(w, stats.sq_norm, score)
-        return w.abs().float() if score == "l1" else w.float() ** 2
+        def importance(fqn, stats):
+            w = layers[fqn].weight.detach()
+            if method == "wanda":
+                return wanda.importance(w, stats.sq_norm, score)
+            return w.abs().float() if score == "l1" else w.float() ** 2
 
-    if allocation == "sensitivity":
-        check(first is not None, "allocation", "'sensitivity' with calibration data (method='wanda' or reconstruct)",
-              "no calibration")
-        errors = {}
-        for f in tqdm(list(layers), desc="sensitivity", leave=False, disable=None):
-            lin, st = layers[f], first.stats[f]
+        if allocation == "sensitivity":
+            check(first is not None, "allocation",
+                  "'sensitivity' with calibration data (method='wanda' or reconstruct)", "no calibration")
+            errors = {}
+            for f in tqdm(list(layers), desc="sensitivity", leave=False, disable=None):
+                lin, st = layers[f], first.stats[f]
+                w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+                imp = importance(f, st)
+                curve = []
+                for g in sorted({min(0.99, max(0.0, round(sparsity + o, 6))) for o in SENSITIVITY_OFFSETS}):
+                    m = block_mask(w, blocks[f], g, score=imp, balanced=balanced)
+                    wn, bn_ = recon.refit(w, b, m, st.gram, damp) if reconstruct else (w * m.to_dense().to(w.dtype), b)
+                    curve.append((g, recon.output_error(wn, bn_, w, b, st.gram)))
+                errors[f] = curve
+            sparsities = sensitivity_allocation(errors, {f: lin.weight.numel() for f, lin in layers.items()}, sparsity)
+            log.info("sensitivity allocation: %s", ", ".join(f"{f}={v:.2f}" for f, v in sparsities.items()))
+        if allocation == "global":
+            scores = {f: block_scores(importance(f, first.stats[f] if first else None), blocks[f]) for f in layers}
+            sparsities = global_allocation(scores, {f: blocks[f][0] * blocks[f][1] for f in layers}, sparsity)
+
+        originals = {f: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+                     for f, lin in layers.items()}
+        out = {}
+
+        def prune_layer(fqn, stats):
+            lin = layers[fqn]
             w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
-            imp = importance(f, st)
-            curve = []
-            for g in sorted({min(0.99, max(0.0, round(sparsity + o, 6))) for o in SENSITIVITY_OFFSETS}):
-                m = block_mask(w, blocks[f], g, score=imp, balanced=balanced)
-                wn, bn_ = recon.refit(w, b, m, st.gram, damp) if reconstruct else (w * m.to_dense().to(w.dtype), b)
-                curve.append((g, recon.output_error(wn, bn_, w, b, st.gram)))
-            errors[f] = curve
-        sparsities = sensitivity_allocation(errors, {f: lin.weight.numel() for f, lin in layers.items()}, sparsity)
-        log.info("sensitivity allocation: %s", ", ".join(f"{f}={v:.2f}" for f, v in sparsities.items()))
-    if allocation == "global":
-        scores = {f: block_scores(importance(f, first.stats[f] if first else None), blocks[f]) for f in layers}
-        sparsities = global_allocation(scores, {f: blocks[f][0] * blocks[f][1] for f in layers}, sparsity)
-
-    originals = {f: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
-                 for f, lin in layers.items()}
-    out = {}
-
-    def prune_layer(fqn, stats):
-        lin = layers[fqn]
-        w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
-        mask = block_mask(w, blocks[fqn], sparsities[fqn], score=importance(fqn, stats), balanced=balanced)
-        w_masked = w * mask.to_dense().to(w.dtype)
-        w_new, b_new = w_masked, b
-        if reconstruct:
-            w_new, b_new = recon.refit(w, b, mask, stats.gram, damp, cross=stats.cross)
-            if stats.cross is None:  # vs the dense layer on the same input
-                log.debug("prune %s: sparsity %.3f, rel. output error %.4f masked -> %.4f refit (%d tokens)", fqn,
-                          mask.sparsity, recon.output_error(w_masked, b, w, b, stats.gram),
-                          recon.output_error(w_new, b_new, w, b, stats.gram), stats.tokens)
+            mask = block_mask(w, blocks[fqn], sparsities[fqn], score=importance(fqn, stats), balanced=balanced)
+            w_masked = w * mask.to_dense().to(w.dtype)
+            w_new, b_new = w_masked, b
+            if reconstruct:
+                w_new, b_new = recon.refit(w, b, mask, stats.gram, damp, cross=stats.cross)
+                if stats.cross is None:  # vs the dense layer on the same input
+                    log.debug("prune %s: sparsity %.3f, rel. output error %.4f masked -> %.4f refit (%d tokens)", fqn,
+                              mask.sparsity, recon.output_error(w_masked, b, w, b, stats.gram),
+                              recon.output_error(w_new, b_new, w, b, stats.gram), stats.tokens)
+                else:
+                    log.debug("prune %s: sparsity %.3f, refit to the dense model's output (%d tokens)", fqn,
+                              mask.sparsity, stats.tokens)
             else:
-                log.debug("prune %s: sparsity %.3f, refit to the dense model's output (%d tokens)", fqn,
-                          mask.sparsity, stats.tokens)
-        else:
-            log.debug("prune %s: sparsity %.3f", fqn, mask.sparsity)
-        with torch.no_grad():
-            lin.weight.copy_(w_new)
-            if b is not None:
-                lin.bias.copy_(b_new)
-        out[fqn] = mask
-
-    try:
-        if not sequential:
-            for fqn in tqdm(list(layers), desc="prune", leave=False, disable=None):
-                prune_layer(fqn, first.stats[fqn] if first else None)
-        else:
-            groups = calibrate.stages(first) if first else [[f] for f in layers]
-            shared = first is not None and any(first.calls[f] > len(batches) for f in layers)
-            reference = copy.deepcopy(model) if reconstruct and refit_target == "dense" else None
-            for i, stage in enumerate(tqdm(groups, desc="prune (sequential)", leave=False, disable=None)):
-                c = calibrate.collect(model, {f: layers[f] for f in stage}, batches, gram=reconstruct,
-                                      stop_early=not shared, desc=f"stage {i + 1}/{len(groups)}",
-                                      reference=reference) if needs_data else None
-                for fqn in stage:
-                    prune_layer(fqn, c.stats[fqn] if c else None)
-    except BaseException:
-        with torch.no_grad():
-            for f, (w, b) in originals.items():
-                layers[f].weight.copy_(w)
+                log.debug("prune %s: sparsity %.3f", fqn, mask.sparsity)
+            with torch.no_grad():
+                lin.weight.copy_(w_new)
                 if b is not None:
-                    layers[f].bias.copy_(b)
-        raise
-    return out
+                    lin.bias.copy_(b_new)
+            out[fqn] = mask
+
+        try:
+            if not sequential:
+                for fqn in tqdm(list(layers), desc="prune", leave=False, disable=None):
+                    prune_layer(fqn, first.stats[fqn] if first else None)
+            else:
+                groups = calibrate.stages(first) if first else [[f] for f in layers]
+                shared = first is not None and any(first.calls[f] > len(batches) for f in layers)
+                reference = copy.deepcopy(model) if reconstruct and refit_target == "dense" else None
+                for i, stage in enumerate(tqdm(groups, desc="prune (sequential)", leave=False, disable=None)):
+                    c = calibrate.collect(model, {f: layers[f] for f in stage}, batches, gram=reconstruct,
+                                          stop_early=not shared, desc=f"stage {i + 1}/{len(groups)}",
+                                          reference=reference) if needs_data else None
+                    for fqn in stage:
+                        prune_layer(fqn, c.stats[fqn] if c else None)
+        except BaseException:
+            with torch.no_grad():
+                for f, (w, b) in originals.items():
+                    layers[f].weight.copy_(w)
+                    if b is not None:
+                        layers[f].bias.copy_(b)
+            raise
+        return out
 

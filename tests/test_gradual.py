@@ -71,6 +71,19 @@ def test_masks_follow_schedule_and_optimizer_stays_in_sync():
     assert (l.dense_weight()[~l.block_mask().to_dense()] == 0).all()
 
 
+def test_never_regrows_after_one_shot_pruning():
+    """Gradual pruning from s0=0 on an already 75%-sparse model keeps its mask until the
+    schedule passes 75%, then only shrinks it (pruned blocks never come back as zeros)."""
+    torch.manual_seed(0)
+    model = sc.sparsify(nn.Sequential(nn.Linear(128, 128)), block=32, sparsity=0.75)
+    first = model[0].mask.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = GradualPruner(model, s0=0.0, s1=0.9, start=0, end=1000, update_every=100, optimizer=opt)
+    assert not pruner.step() and torch.equal(model[0].mask, first)
+    pruner.apply(0.9)
+    assert model[0].values.shape[0] == 2 and not (model[0].mask & ~first).any()
+
+
 def test_balanced_and_bad_arguments():
     model = make_model()
     pruner = GradualPruner(model, 0.0, 0.5, start=0, end=1, update_every=1, balanced=True, score="l1")

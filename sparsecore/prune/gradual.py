@@ -125,7 +125,7 @@ class GradualPruner:
             imp = w.abs() if self.score == "l1" else w.float() ** 2
             scores = block_scores(imp, layer.block).to(old_mask.device)
             scores[~old_mask] = -1.0  # a pruned block never wins, even against an all-zero kept block
-            new = select_blocks(scores, sparsity, self.balanced)
+            new = select_blocks(scores, sparsity, self.balanced) & old_mask  # nor comes back at a lower target
             if torch.equal(new, old_mask):
                 continue
             old_values = layer.values

@@ -161,11 +161,18 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"{prefix}values: expected shape {(nnzb, *self.block)} for the checkpoint's mask, "
                                   f"got {tuple(vals.shape)}")
                 return
-            # the checkpoint's mask defines the structure: metadata rebuilt where the mask ends up
+            # the checkpoint's mask defines the structure: metadata rebuilt where the mask ends up;
+            # ``values`` stays the same Parameter (an optimizer holds it), resized when nnzb changes;
+            # without values in the checkpoint (strict=False) blocks kept before keep theirs
             assign = local_metadata.get("assign_to_params_buffers", False)
+            new = None
+            if vals is None and not self.values.is_meta:
+                bm = BlockMask(mask.to(self.values.device), self.block, (self.out_features, self.in_features))
+                new = BlockSparseWeight.from_dense(self.dense_weight().detach(), bm).values
+            elif self.values.shape[0] != nnzb:
+                new = self.values.new_empty(nnzb, *self.block)
             self._set_structure(mask, mask.device if assign else self.mask.device)
-            if self.values.shape[0] != nnzb:
-                self.values = nn.Parameter(self.values.new_empty(nnzb, *self.block),
-                                           requires_grad=self.values.requires_grad)
+            if new is not None:
+                self.values.data, self.values.grad = new, None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -70,6 +70,27 @@ def test_load_state_dict_rejects_inconsistent():
         dst.load_state_dict(sd)
 
 
+def test_load_with_another_mask_keeps_the_parameter():
+    """As nn.Linear: loading never replaces ``values`` (an optimizer built before keeps
+    training it); a non-strict load of a mask without values keeps the blocks kept before."""
+    src = sc.SparseLinear.from_dense(_lin(seed=1), block=32, sparsity=0.5)
+    dst = sc.SparseLinear(96, 80, block=32)
+    values = dst.values
+    opt = torch.optim.SGD(dst.parameters(), lr=0.1)
+    dst.load_state_dict(src.state_dict())
+    assert dst.values is values and values.shape == src.values.shape and torch.equal(values, src.values)
+    dst(torch.randn(4, 96)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(dst.values, src.values)
+
+    other = sc.SparseLinear.from_dense(_lin(seed=2), block=32, sparsity=0.3)
+    before = other.dense_weight().detach()
+    sd = {k: v for k, v in src.state_dict().items() if k != "values"}
+    result = other.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["values"] and torch.equal(other.mask, src.mask)
+    assert torch.equal(other.dense_weight(), before * src.block_mask().to_dense())
+
+
 @pytest.mark.parametrize("how", ["assign", "to_empty"])
 def test_meta_device_then_checkpoint(how):
     """Built on the meta device (as nn.Linear, for big models), then given a checkpoint whose

@@ -210,11 +210,27 @@ for _op in (_bsr_linear, _grad_input, _grad_weight):
         _AUTOCAST.impl(_op._name, _autocast_kernel(_op._opoverload, _device_type), _key)
 
 
+def _check_no_func_autodiff():
+    """The ops differentiate through torch.autograd (backward()), not torch.func's transforms:
+    jvp / jacfwd would pass a zero tangent through them silently (grad / vjp / jacrev fail
+    inside torch). vmap works."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    autodiff = [i.key().name for i in retrieve_all_functorch_interpreters()
+                if i.key() in (TransformType.Jvp, TransformType.Grad)]
+    check(not autodiff, "x", "differentiation through torch.autograd (loss.backward(), torch.autograd.grad)",
+          f"a call under torch.func's {autodiff[0] if autodiff else ''} transform (jvp, jacfwd, grad, vjp, jacrev)")
+
+
 def bsr_linear_tensors(x: Tensor, values: Tensor, meta: dict, out_features: int, bias: Optional[Tensor] = None,
                        activation: str = "none", backend: str = "auto") -> Tensor:
     """``y [..., N] = act(x [..., K] @ W^T + bias)`` from raw tensors (``meta`` as in format)."""
     check(isinstance(x, Tensor), "x", "a torch.Tensor", type(x).__name__)
     check(x.dim() >= 1, "x", "at least 1-D [..., K]", f"shape {tuple(x.shape)}")
+    _check_no_func_autodiff()
     lead = x.shape[:-1]
     y = torch.ops.sparsecore.bsr_linear(
         x.reshape(-1, x.shape[-1]), values, meta["row_ptr"], meta["col_idx"], meta["block_row"],

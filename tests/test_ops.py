@@ -116,6 +116,19 @@ def test_autocast_compile_fullgraph():
     assert_close(y, ref, torch.bfloat16)
 
 
+def test_torch_func_transforms():
+    """vmap works; torch.func's autodiff transforms raise (jvp would pass a zero tangent)."""
+    w, m = random_weight(48, 40, 16, 0.5)
+    W = sc.BlockSparseWeight.from_dense(w, m)
+    x = torch.randn(4, 3, 40)
+    f = lambda t: sc.ops.bsr_linear(t, W)  # noqa: E731
+    assert_close(torch.func.vmap(f)(x), oracle(x.reshape(-1, 40), W.to_dense()).reshape(4, 3, 48), torch.float32)
+    for transform in (lambda: torch.func.jvp(f, (x[0],), (x[1],)), lambda: torch.func.jacfwd(f)(x[0]),
+                      lambda: torch.func.jacrev(f)(x[0]), lambda: torch.func.grad(lambda t: f(t).sum())(x[0])):
+        with pytest.raises(sc.SparseCoreError, match="torch.func's (Jvp|Grad) transform"):
+            transform()
+
+
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(5)
     w, m = random_weight(40, 36, 16, 0.5, torch.float64, generator=g)

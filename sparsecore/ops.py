@@ -38,13 +38,34 @@ def _check_meta(nnzb: int, block, n: int, k: int, device, **meta) -> None:
               f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 
-def _check_ranges(R: int, C: int, nnzb: int, **meta) -> None:
-    """Index ranges of CPU metadata (free on the host; on a GPU it would sync every call)."""
-    bounds = {"col_idx": C, "block_row": R, "row_idx": R, "t_perm": nnzb}
-    for name, t in meta.items():
-        if t.device.type == "cpu" and t.numel():
+def _check_host_meta(R: int, C: int, nnzb: int, **meta) -> None:
+    """Index ranges and mutual consistency of CPU metadata, O(nnzb + R + C) (free on the host;
+    on a GPU it would sync every call): pointers are the prefix sums of their index lists,
+    permutations are permutations, the CSC view is the BSR's (as format.build_metadata)."""
+    m = {k: t.long() for k, t in meta.items() if t.device.type == "cpu"}
+    bounds = {"col_idx": C, "block_row": R, "row_idx": R, "t_perm": nnzb, "row_order": R}
+    for name, t in m.items():
+        if name in bounds and t.numel():
             lo, hi = int(t.min()), int(t.max())
             check(lo >= 0 and hi < bounds[name], name, f"indices in [0, {bounds[name]})", f"range [{lo}, {hi}]")
+    for name, n in (("t_perm", nnzb), ("row_order", R)):
+        if name in m:
+            check(bool((torch.bincount(m[name], minlength=n) == 1).all()), name, f"a permutation of range({n})",
+                  f"{m[name].tolist()[:8]}...")
+    for ptr, idx, n in (("row_ptr", "block_row", R), ("col_ptr", "col_idx", C)):
+        if ptr in m:
+            p = m[ptr]
+            ok = int(p[0]) == 0 and int(p[-1]) == nnzb and bool((p[1:] >= p[:-1]).all())
+            if ok and idx in m:
+                ok = torch.equal(p[1:], torch.bincount(m[idx], minlength=n).cumsum(0))
+            check(ok, ptr, f"0, then running counts of {idx} up to nnzb={nnzb}", f"{p.tolist()[:8]}...")
+    if "row_ptr" in m and "block_row" in m:
+        check(bool((m["block_row"][1:] >= m["block_row"][:-1]).all()), "block_row", "non-decreasing (BSR order)",
+              f"{m['block_row'].tolist()[:8]}...")
+    if {"t_perm", "row_idx", "block_row", "col_idx"} <= set(m):
+        t = m["t_perm"]
+        ok = torch.equal(m["row_idx"], m["block_row"][t]) and bool((m["col_idx"][t][1:] >= m["col_idx"][t][:-1]).all())
+        check(ok, "t_perm, row_idx", "the CSC order of the blocks (format.build_metadata)", "another order")
 
 
 def _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features,
@@ -97,8 +118,8 @@ def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, blo
                 bias: Optional[Tensor] = None, activation: str = "none", backend: str = "auto") -> Tensor:
     _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features, bias,
                    activation)
-    _check_ranges(row_ptr.numel() - 1, col_ptr.numel() - 1, values.shape[0], col_idx=col_idx, block_row=block_row,
-                  row_idx=row_idx, t_perm=t_perm)
+    _check_host_meta(row_ptr.numel() - 1, col_ptr.numel() - 1, values.shape[0], row_ptr=row_ptr, col_idx=col_idx,
+                     block_row=block_row, col_ptr=col_ptr, row_idx=row_idx, t_perm=t_perm, row_order=row_order)
     if x.shape[0] == 0:
         return x.new_zeros(0, out_features)
     mod = backends.resolve(backend, x, values)
@@ -117,8 +138,8 @@ def _(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_orde
 def _grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, t_perm: Tensor,
                 in_features: int, backend: str = "auto") -> Tensor:
     _check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features)
-    _check_ranges(-(-dy.shape[1] // values.shape[1]), col_ptr.numel() - 1, values.shape[0], row_idx=row_idx,
-                  t_perm=t_perm)
+    _check_host_meta(-(-dy.shape[1] // values.shape[1]), col_ptr.numel() - 1, values.shape[0], col_ptr=col_ptr,
+                     row_idx=row_idx, t_perm=t_perm)
     if dy.shape[0] == 0:
         return dy.new_zeros(0, in_features)
     mod = backends.resolve(backend, dy, values)
@@ -135,8 +156,8 @@ def _(dy, values, col_ptr, row_idx, t_perm, in_features, backend="auto"):
 def _grad_weight(dy: Tensor, x: Tensor, block_row: Tensor, col_idx: Tensor, block_n: int, block_k: int,
                  backend: str = "auto") -> Tensor:
     _check_grad_weight(dy, x, block_row, col_idx, block_n, block_k)
-    _check_ranges(-(-dy.shape[1] // block_n), -(-x.shape[1] // block_k), col_idx.numel(), block_row=block_row,
-                  col_idx=col_idx)
+    _check_host_meta(-(-dy.shape[1] // block_n), -(-x.shape[1] // block_k), col_idx.numel(), block_row=block_row,
+                     col_idx=col_idx)
     if dy.shape[0] == 0:
         return dy.new_zeros(col_idx.numel(), block_n, block_k)
     mod = backends.resolve(backend, dy, dy.new_empty(0, block_n, block_k))

@@ -69,6 +69,37 @@ def test_op_input_mismatches():
         sc.ops.bsr_linear(torch.randn(3, 64), W, activation="tanh")
 
 
+def _swap(t, i, j):
+    t = t.clone()
+    t[[i, j]] = t[[j, i]]
+    return t
+
+
+@pytest.mark.parametrize("field,edit,op", [
+    ("row_ptr", lambda t: t - (torch.arange(t.numel()) == 1).int(), "fwd"),  # monotone, in range, wrong
+    ("row_ptr", lambda t: t + 5 * (torch.arange(t.numel()) == t.numel() - 1).int(), "fwd"),
+    ("row_order", lambda t: torch.zeros_like(t), "fwd"),
+    ("t_perm", lambda t: torch.zeros_like(t), "fwd"),
+    ("t_perm, row_idx", lambda t: _swap(t, 0, 1), "fwd"),  # a permutation, but not the CSC order
+    ("block_row", lambda t: t.flip(0), "fwd"),
+    ("col_ptr", lambda t: t.flip(0), "dx"),
+    ("t_perm", lambda t: torch.zeros_like(t), "dx"),
+])
+def test_inconsistent_metadata(field, edit, op):
+    """Hand-made metadata that the ops would read wrongly raises, on the CPU where it is free."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    W = sc.BlockSparseWeight.from_dense(w, sc.prune.block_mask(w, 32, 0.5))
+    name = field.split(",")[0]
+    meta = dict(W.meta, **{name: edit(W.meta[name])})
+    with pytest.raises(SparseCoreError, match=f"^{field}: expected"):
+        if op == "fwd":
+            sc.ops.bsr_linear_tensors(torch.randn(3, 128), W.values, meta, 96)
+        else:
+            torch.ops.sparsecore.bsr_linear_grad_input(torch.randn(3, 96), W.values, meta["col_ptr"],
+                                                       meta["row_idx"], meta["t_perm"], 128, "auto")
+
+
 def test_backend_choice_errors(monkeypatch):
     W = _W()
     x = torch.randn(3, 64)

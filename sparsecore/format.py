@@ -24,6 +24,7 @@ Metadata is int32 and built once, at construction.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,14 @@ def normalize_block(block) -> tuple[int, int]:
           and all(isinstance(b, int) and not isinstance(b, bool) and b in BLOCK_SIDES for b in block))
     check(ok, "block", f"an int or a pair (BN, BK) with sides in {BLOCK_SIDES}", repr(block))
     return int(block[0]), int(block[1])
+
+
+def normalize_shape(shape, name="shape") -> tuple[int, int]:
+    """``(N, K)``: two positive ints (a tuple, list or torch.Size)."""
+    ok = (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2
+          and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape))
+    check(ok, name, "(out_features, in_features): two positive ints", repr(shape))
+    return int(shape[0]), int(shape[1])
 
 
 def grid_shape(shape, block) -> tuple[int, int]:
@@ -93,7 +102,7 @@ class BlockMask:
         object.__setattr__(self, "block", block)
         check(isinstance(self.mask, torch.Tensor) and self.mask.dtype == torch.bool, "mask",
               "a bool tensor", getattr(self.mask, "dtype", type(self.mask).__name__))
-        shape = tuple(int(s) for s in self.shape)
+        shape = normalize_shape(self.shape)
         object.__setattr__(self, "shape", shape)
         grid = grid_shape(shape, block)
         check(tuple(self.mask.shape) == grid, "mask",
@@ -179,8 +188,10 @@ class BlockSparseWeight:
 
     def __init__(self, values: torch.Tensor, shape, block, meta: dict, validate: bool = True):
         self.values = values
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = normalize_shape(shape)
         self.block = normalize_block(block)
+        check(isinstance(meta, dict) and all(name in meta for name in META_FIELDS), "meta",
+              f"a dict with {META_FIELDS}", sorted(meta) if isinstance(meta, dict) else type(meta).__name__)
         for name in META_FIELDS:
             setattr(self, name, meta[name])
         if validate:
@@ -258,6 +269,7 @@ class BlockSparseWeight:
     def to(self, *args, **kwargs) -> "BlockSparseWeight":
         """Like ``Tensor.to``: dtype applies to ``values`` only; device to everything."""
         values = self.values.to(*args, **kwargs)
+        check(values.dtype in FLOAT_DTYPES, "dtype", f"a floating dtype {FLOAT_DTYPES}", values.dtype)
         meta = {k: v.to(values.device) for k, v in self.meta.items()}
         return BlockSparseWeight(values, self.shape, self.block, meta, validate=False)
 

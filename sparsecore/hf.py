@@ -67,9 +67,9 @@ def save_pretrained(model: nn.Module, path, dense: bool = False) -> None:
     ``dense=True``: an ordinary dense ``model.safetensors`` (zeros where pruned) and a config
     without ``sparsity_config``, for tools that know nothing of sparsecore.
     """
-    check(isinstance(model, nn.Module) and hasattr(model.config, "save_pretrained"), "model",
+    check(isinstance(model, nn.Module) and hasattr(getattr(model, "config", None), "save_pretrained"), "model",
           "a transformers PreTrainedModel", type(model).__name__)
-    path = os.fspath(path)
+    path = io._path(path)
     os.makedirs(path, exist_ok=True)
     config = model.config
     had = hasattr(config, "sparsity_config")
@@ -107,7 +107,7 @@ def from_pretrained(cls_or_auto, path, dtype=None, device=None) -> nn.Module:
     """
     from transformers import AutoConfig, PreTrainedModel
 
-    path = os.fspath(path)
+    path = io._path(path)
     check(os.path.isdir(path), "path", "a folder written by sparsecore.hf.save_pretrained", repr(path))
     config = AutoConfig.from_pretrained(path)
     sparse_cfg = getattr(config, "sparsity_config", None)

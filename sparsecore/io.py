@@ -41,6 +41,11 @@ FORMAT_VERSION = 1
 SPARSITY_FORMAT = "block-sparse-bsr"
 
 
+def _path(path) -> str:
+    check(isinstance(path, (str, os.PathLike)), "path", "a str or os.PathLike", type(path).__name__)
+    return os.fspath(path)
+
+
 # -- model description -------------------------------------------------------------------
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     return {fqn: m for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
@@ -115,7 +120,7 @@ def _storable(state: dict[str, torch.Tensor], dedupe: bool):
 def _write(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
+    path = _path(path)
     tmp = path + ".tmp"
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -192,7 +197,7 @@ def read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """
     from safetensors import SafetensorError, safe_open
 
-    path = os.fspath(path)
+    path = _path(path)
     check(os.path.isfile(path), "path", "an existing sparsecore safetensors file", repr(path))
     try:
         with safe_open(path, framework="pt") as f:
@@ -223,7 +228,7 @@ def stored_dtype(path) -> torch.dtype | None:
     names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     count: dict = {}
     try:
-        with safe_open(os.fspath(path), framework="pt") as f:
+        with safe_open(_path(path), framework="pt") as f:
             for k in f.keys():
                 sl = f.get_slice(k)
                 dt = names.get(sl.get_dtype())

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from . import ops
+from . import backends, ops
 from .errors import check
 from .format import META_FIELDS, BlockMask, BlockSparseWeight, build_metadata, grid_shape, normalize_block
 from .prune.magnitude import block_mask
@@ -36,8 +36,9 @@ class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block=(64, 64), mask=None,
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        check(isinstance(in_features, int) and in_features > 0, "in_features", "a positive int", in_features)
-        check(isinstance(out_features, int) and out_features > 0, "out_features", "a positive int", out_features)
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "a positive int", repr(v))
+        check(backend in backends.CHOICES, "backend", f"one of {backends.CHOICES}", repr(backend))
         self.in_features, self.out_features = in_features, out_features
         self.block = normalize_block(block)
         self.backend = backend
@@ -109,6 +110,9 @@ class SparseLinear(nn.Module):
         bm = mask if isinstance(mask, BlockMask) else BlockMask(mask, self.block, (self.out_features, self.in_features))
         check(bm.block == self.block and bm.shape == (self.out_features, self.in_features), "mask",
               f"block {self.block}, shape {(self.out_features, self.in_features)}", f"block {bm.block}, shape {bm.shape}")
+        check(weight is None or isinstance(weight, torch.Tensor) and tuple(weight.shape) == bm.shape, "weight",
+              f"None or a tensor of shape {bm.shape}", type(weight).__name__ if not isinstance(weight, torch.Tensor)
+              else f"shape {tuple(weight.shape)}")
         with torch.no_grad():
             src = self.dense_weight() if weight is None else weight.to(self.values)
             new = BlockSparseWeight.from_dense(src, bm.to(self.values.device)).values

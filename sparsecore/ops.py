@@ -71,6 +71,7 @@ def _check_host_meta(R: int, C: int, nnzb: int, **meta) -> None:
 def _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features,
                    bias, activation):
     check(x.dim() == 2, "x", "a 2-D tensor [M, K] (the wrapper flattens leading dims)", f"shape {tuple(x.shape)}")
+    check(x.layout == torch.strided, "x", "a dense (strided) tensor", x.layout)
     check(values.dim() == 3 and values.dtype.is_floating_point, "values", "a float tensor [nnzb, BN, BK]",
           f"{values.dtype} {tuple(values.shape)}")
     check(x.dtype == values.dtype, "x", f"dtype {values.dtype} (the weight's)", x.dtype)
@@ -104,8 +105,9 @@ def _check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
 def _check_grad_weight(dy, x, block_row, col_idx, block_n, block_k):
     check(dy.dim() == 2 and x.dim() == 2 and dy.shape[0] == x.shape[0], "dy, x", "2-D [M, N] and [M, K] (same M)",
           f"shapes {tuple(dy.shape)}, {tuple(x.shape)}")
-    check(dy.dtype.is_floating_point and x.dtype == dy.dtype and x.device == dy.device, "x",
-          f"{dy.dtype} on {dy.device} (as dy, floating)", f"{x.dtype} on {x.device}")
+    check(dy.dtype.is_floating_point, "dy", "a floating dtype", dy.dtype)
+    check(x.dtype == dy.dtype and x.device == dy.device, "x", f"{dy.dtype} on {dy.device} (as dy)",
+          f"{x.dtype} on {x.device}")
     check(block_n in BLOCK_SIDES and block_k in BLOCK_SIDES, "block_n, block_k", f"sides in {BLOCK_SIDES}",
           (block_n, block_k))
     _check_meta(col_idx.numel(), (block_n, block_k), dy.shape[1], x.shape[1], dy.device, block_row=block_row,
@@ -249,7 +251,8 @@ def _check_no_func_autodiff():
 def bsr_linear_tensors(x: Tensor, values: Tensor, meta: dict, out_features: int, bias: Optional[Tensor] = None,
                        activation: str = "none", backend: str = "auto") -> Tensor:
     """``y [..., N] = act(x [..., K] @ W^T + bias)`` from raw tensors (``meta`` as in format)."""
-    check(isinstance(x, Tensor), "x", "a torch.Tensor", type(x).__name__)
+    check(isinstance(x, Tensor) and x.layout == torch.strided, "x", "a dense torch.Tensor",
+          getattr(x, "layout", type(x).__name__))
     check(x.dim() >= 1, "x", "at least 1-D [..., K]", f"shape {tuple(x.shape)}")
     _check_no_func_autodiff()
     lead = x.shape[:-1]

@@ -6,7 +6,7 @@ import logging
 import torch
 from torch import nn
 
-from . import prune
+from . import backends, prune
 from .errors import check
 from .format import normalize_block
 from .nn import SparseLinear
@@ -76,6 +76,7 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: st
     Returns ``model`` (changed in place).
     """
     check(isinstance(model, nn.Module), "model", "an nn.Module", type(model).__name__)
+    check(backend in backends.CHOICES, "backend", f"one of {backends.CHOICES}", repr(backend))
     block = normalize_block(block)
     sparsity = prune.check_sparsity(sparsity)
     targets = target_linears(model, filter_fn)

@@ -136,3 +136,38 @@ def test_device_mix_without_gpu():
     W = _W()
     with pytest.raises(SparseCoreError, match="x: expected device cpu"):
         sc.ops.bsr_linear(torch.empty(3, 64, device="meta"), W)
+
+
+def test_more_bad_arguments(tmp_path):
+    m = torch.ones(3, 4, dtype=torch.bool)
+    for shape in [(-48, -64), (0, 64), (48.7, 64), (48, 64, 3), "ab"]:
+        with pytest.raises(SparseCoreError, match="shape: expected"):
+            sc.BlockMask(m, 16, shape)
+    W = _W()
+    with pytest.raises(SparseCoreError, match="shape: expected"):
+        sc.BlockSparseWeight(W.values, (64, 64, 1), 32, W.meta)
+    with pytest.raises(SparseCoreError, match="meta: expected a dict"):
+        sc.BlockSparseWeight(W.values, (64, 64), 32, {"row_ptr": W.row_ptr})
+    with pytest.raises(SparseCoreError, match="dtype: expected a floating"):
+        W.to(torch.int32)
+    with pytest.raises(SparseCoreError, match="in_features: expected a positive int"):
+        sc.SparseLinear(True, 48)
+    with pytest.raises(SparseCoreError, match="backend: expected one of"):
+        sc.SparseLinear(64, 48, block=16, backend="xyz")
+    with pytest.raises(SparseCoreError, match="backend: expected one of"):
+        sc.sparsify(torch.nn.Sequential(torch.nn.Linear(64, 64)), block=16, backend=None)
+    lin = sc.SparseLinear(64, 48, block=16)
+    with pytest.raises(SparseCoreError, match="weight: expected None or a tensor of shape"):
+        lin.set_mask(lin.mask, weight=[[0.0]])
+    with pytest.raises(SparseCoreError, match="x: expected a dense torch.Tensor"):
+        lin(torch.randn(3, 64).to_sparse())
+    with pytest.raises(SparseCoreError, match="optimizer: expected None or a torch.optim.Optimizer"):
+        sc.prune.GradualPruner(torch.nn.Sequential(lin), 0.0, 0.5, 0, 10, optimizer="adam")
+    with pytest.raises(SparseCoreError, match="dy: expected a floating dtype"):
+        torch.ops.sparsecore.bsr_linear_grad_weight(torch.ones(2, 64, dtype=torch.int64), torch.ones(
+            2, 64, dtype=torch.int64), W.block_row, W.col_idx, 32, 32, "auto")
+    for path in (123, None):
+        with pytest.raises(SparseCoreError, match="path: expected a str or os.PathLike"):
+            sc.load(torch.nn.Sequential(lin), path)
+    with pytest.raises(SparseCoreError, match="model: expected a transformers PreTrainedModel"):
+        sc.hf.save_pretrained(torch.nn.Sequential(), tmp_path)

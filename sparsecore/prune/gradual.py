@@ -97,6 +97,8 @@ class GradualPruner:
         check(score in SCORES, "score", f"one of {SCORES}", repr(score))
         check(end > start, "end", f"a step after start={start}", end)
         check(update_every >= 1, "update_every", "an int >= 1", update_every)
+        check(optimizer is None or isinstance(optimizer, torch.optim.Optimizer), "optimizer",
+              "None or a torch.optim.Optimizer", type(optimizer).__name__)
         self.layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, SparseLinear)]
         check(bool(self.layers), "model", "a model containing SparseLinear layers", "none")
         self.start, self.end, self.update_every = start, end, update_every

@@ -98,6 +98,12 @@ def test_balanced_and_bad_arguments():
         GradualPruner(model, 0.0, 0.5, 10, 10)
     with pytest.raises(sc.SparseCoreError, match="model"):
         GradualPruner(nn.Linear(4, 4), 0.0, 0.5, 0, 10)
+    masks = [l.mask.clone() for l in model if isinstance(l, sc.SparseLinear)]
+    partial = torch.optim.SGD([next(l.values for l in model if isinstance(l, sc.SparseLinear))], lr=0.1)
+    pruner = GradualPruner(model, 0.0, 0.9, start=0, end=1, update_every=1, optimizer=partial)
+    with pytest.raises(sc.SparseCoreError, match="optimizer: expected an optimizer holding every"):
+        pruner.apply(0.9)
+    assert all(torch.equal(l.mask, m) for l, m in zip((l for l in model if isinstance(l, sc.SparseLinear)), masks))
     with pytest.raises(sc.SparseCoreError, match="optimizer"):
         sc.prune.replace_in_optimizer(torch.optim.SGD([nn.Parameter(torch.ones(1))]), nn.Parameter(torch.ones(1)),
                                       nn.Parameter(torch.ones(1)), torch.ones(1, 1, dtype=torch.bool),

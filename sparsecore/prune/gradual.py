@@ -120,6 +120,11 @@ class GradualPruner:
 
     def apply(self, sparsity: float) -> bool:
         """Re-prune every layer to ``sparsity`` now (never regrowing a pruned block)."""
+        if self.optimizer is not None:  # checked before any layer changes
+            held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            lost = [fqn for fqn, layer in self.layers if id(layer.values) not in held]
+            check(not lost, "optimizer", "an optimizer holding every SparseLinear's values",
+                  f"one missing {lost[:3]}")
         changed = False
         for fqn, layer in self.layers:
             old_mask = layer.mask.clone()

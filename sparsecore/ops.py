@@ -114,6 +114,11 @@ def _check_grad_weight(dy, x, block_row, col_idx, block_n, block_k):
                 col_idx=col_idx)
 
 
+def _dense(*tensors):
+    """Values and metadata as the kernels index them: contiguous (a no-op when they are)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 @torch.library.custom_op("sparsecore::bsr_linear", mutates_args=())
 def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor,
                 col_ptr: Tensor, row_idx: Tensor, t_perm: Tensor, row_order: Tensor, out_features: int,
@@ -125,6 +130,7 @@ def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, blo
     if x.shape[0] == 0:
         return x.new_zeros(0, out_features)
     mod = backends.resolve(backend, x, values)
+    values, row_ptr, col_idx, block_row, row_order = _dense(values, row_ptr, col_idx, block_row, row_order)
     return mod.forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation).contiguous()
 
 
@@ -145,6 +151,7 @@ def _grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, t_
     if dy.shape[0] == 0:
         return dy.new_zeros(0, in_features)
     mod = backends.resolve(backend, dy, values)
+    values, col_ptr, row_idx, t_perm = _dense(values, col_ptr, row_idx, t_perm)
     return mod.grad_input(dy.contiguous(), values, col_ptr, row_idx, t_perm, in_features).contiguous()
 
 
@@ -163,6 +170,7 @@ def _grad_weight(dy: Tensor, x: Tensor, block_row: Tensor, col_idx: Tensor, bloc
     if dy.shape[0] == 0:
         return dy.new_zeros(col_idx.numel(), block_n, block_k)
     mod = backends.resolve(backend, dy, dy.new_empty(0, block_n, block_k))
+    block_row, col_idx = _dense(block_row, col_idx)
     return mod.grad_weight(dy.contiguous(), x.contiguous(), block_row, col_idx, (block_n, block_k)).contiguous()
 
 

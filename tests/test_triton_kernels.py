@@ -282,6 +282,28 @@ def test_public_op_autograd(dtype, block, lead, act):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M", [3, 130])  # decode and prefill kernels
+def test_public_op_strided_values_and_metadata(M):
+    """Values and metadata that are views with other strides (a transposed copy, a column of
+    a stack) give the same results: the kernels index them as contiguous."""
+    W, g = make((16, 32), torch.float32)
+    N, K = W.shape
+    values = W.values.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    meta = {k: torch.stack([t, torch.zeros_like(t)], 1)[:, 0] for k, t in W.meta.items()}
+    assert not values.is_contiguous() and not meta["row_ptr"].is_contiguous()
+    x = rand(g, M, K, dtype=torch.float32).requires_grad_()
+    y = sc.ops.bsr_linear_tensors(x, values, meta, N, backend="triton")
+    xd, wd = x.detach().double().requires_grad_(), W.to_dense().double().requires_grad_()
+    ref = oracle(xd, wd)
+    y.backward(torch.ones_like(y))
+    ref.backward(torch.ones_like(ref))
+    t = tol(torch.float32)
+    assert_close(y, ref, torch.float32, t)
+    assert_close(x.grad, xd.grad, torch.float32, t)
+    assert_close(values.grad, kept(wd.grad, W), torch.float32, t)
+
+
+@needs_kernels
 def test_backend_interface_and_selection():
     ok, why = tb.available()
     assert ok, why

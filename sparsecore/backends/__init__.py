@@ -1,7 +1,7 @@
 """Backends behind the ``torch.ops.sparsecore`` ops, and the rule that picks one.
 
 Every backend module exposes the same three functions over raw tensors (2-D ``x``/``dy``,
-``values [nnzb, BN, BK]``, int32 metadata from ``sparsecore.format``)::
+contiguous ``values [nnzb, BN, BK]`` and int32 metadata from ``sparsecore.format``)::
 
     forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation)
         -> y [M, out_features]           y = act(x @ W^T + bias)

@@ -102,8 +102,9 @@ def from_pretrained(cls_or_auto, path, dtype=None, device=None) -> nn.Module:
     ``cls_or_auto``: a ``transformers`` Auto class (``AutoModel``, ``AutoModelForCausalLM``,
     ...) or a concrete model class. The architecture comes from ``config.json``; its
     ``nn.Linear`` layers named in the checkpoint become ``SparseLinear`` and every tensor
-    is loaded (validated first, see ``sparsecore.io.load``). ``dtype``: default the
-    checkpoint's (as ``dtype="auto"`` in transformers). Returned in eval mode.
+    is loaded (validated first, see ``sparsecore.io.load``). ``dtype``: default each tensor's
+    dtype in the checkpoint (as ``dtype="auto"`` in transformers: fp32 modules of an fp16 model
+    stay fp32), else every floating tensor cast to it. Returned in eval mode.
     """
     from transformers import AutoConfig, PreTrainedModel
 
@@ -124,7 +125,7 @@ def from_pretrained(cls_or_auto, path, dtype=None, device=None) -> nn.Module:
         with _parameters_on_meta():
             return cls_or_auto(config) if is_model_class else cls_or_auto.from_config(config)
 
-    model = io.load(build, weights).to(device=device, dtype=dtype or io.stored_dtype(weights))
+    model = io.load(build, weights).to(device=device, dtype=dtype)
     model.config.sparsity_config = sparse_cfg
     return model.eval()
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 
 import torch
@@ -219,24 +218,6 @@ def read(path) -> tuple[dict, dict[str, torch.Tensor]]:
           "path", "aliases naming stored tensors", repr(aliases)[:200])
     tensors.update({k: tensors[v] for k, v in aliases.items()})
     return {"layers": layers, "aliases": aliases, "sparsity_config": config}, tensors
-
-
-def stored_dtype(path) -> torch.dtype | None:
-    """The floating dtype most of a checkpoint's bytes are in (header only; None if no floats)."""
-    from safetensors import SafetensorError, safe_open
-
-    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    count: dict = {}
-    try:
-        with safe_open(_path(path), framework="pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                dt = names.get(sl.get_dtype())
-                if dt is not None:
-                    count[dt] = count.get(dt, 0) + math.prod(sl.get_shape())
-    except (SafetensorError, OSError) as e:
-        raise SparseCoreError(f"path: expected a readable safetensors file, got {os.fspath(path)!r} ({e})") from None
-    return max(count, key=count.get) if count else None
 
 
 def _check_header(meta: dict, path: str) -> None:

@@ -96,6 +96,31 @@ def test_from_pretrained_skeleton_has_no_dense_weights():
     assert not next(LlamaForCausalLM(ref.config).parameters()).is_meta  # the patch is gone
 
 
+def test_from_pretrained_keeps_each_tensor_dtype(tmp_path):
+    """dtype=None keeps the checkpoint's dtype per tensor (T5's fp32 ``wo`` in a bf16 model, as
+    transformers' _keep_in_fp32_modules makes), so the reload is bitwise; dtype= casts all."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=97, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    for m in model.modules():
+        if hasattr(m, "wo"):
+            m.wo.float()
+    schf.sparsify(model, block=(16, 16), sparsity=0.5)
+    assert isinstance(model.encoder.block[0].layer[1].DenseReluDense.wo, sc.SparseLinear)
+    schf.save_pretrained(model, tmp_path)
+    loaded = schf.from_pretrained(AutoModelForSeq2SeqLM, tmp_path)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == dtypes
+    assert torch.float32 in dtypes.values() and torch.bfloat16 in dtypes.values()
+    run = lambda m: m(input_ids=IDS, decoder_input_ids=IDS[:, :5]).logits  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(run(loaded), run(model))
+    cast = schf.from_pretrained(AutoModelForSeq2SeqLM, tmp_path, dtype=torch.float16)
+    assert {v.dtype for v in cast.parameters()} == {torch.float16}
+
+
 @pytest.mark.parametrize("cls", [AutoModel, BertModel])
 def test_bert_save_pretrained_round_trip(tmp_path, cls):
     model = bert(torch.float32)

@@ -134,7 +134,7 @@ class Config:
     threads: Optional[int] = None   # CPU: torch.set_num_threads for the run
 
 
-def _csv(arg: str, text: str, convert, allowed=None) -> tuple:
+def _csv(arg: str, text: str, convert, allowed=None, what="") -> tuple:
     items = [t.strip() for t in str(text).split(",") if t.strip()]
     check(items, arg, "a comma-separated list", repr(text))
     out = []
@@ -144,7 +144,7 @@ def _csv(arg: str, text: str, convert, allowed=None) -> tuple:
         except (ValueError, KeyError):
             v = None
         check(v is not None and (allowed is None or v in allowed), arg,
-              f"items from {allowed}" if allowed else "valid items", repr(t))
+              f"items from {allowed}" if allowed else what, repr(t))
         out.append(v)
     return tuple(dict.fromkeys(out))
 
@@ -197,10 +197,15 @@ def make_config(args) -> Config:
     check(layers > 0, "--layers", "a positive int", layers)
     check(context > 0, "--context", "a positive int", context)
     check(args.threads is None or args.threads > 0, "--threads", "a positive int", args.threads)
+    check(args.warmup_ms >= 0, "--warmup-ms", "a time >= 0", args.warmup_ms)
+    check(args.rep_ms > 0, "--rep-ms", "a time > 0", args.rep_ms)
     return Config(
-        device=device, ops=_csv("--ops", pick("ops"), str, OPS), shapes=_csv("--shapes", pick("shapes"), _shape),
-        tokens=_csv("--tokens", pick("tokens"), _tokens), densities=_csv("--densities", pick("densities"), _density),
-        blocks=_csv("--blocks", pick("blocks"), _block), dtypes=_csv("--dtype", pick("dtype"), DTYPES.__getitem__),
+        device=device, ops=_csv("--ops", pick("ops"), str, OPS),
+        shapes=_csv("--shapes", pick("shapes"), _shape, what=f"NxK (positive) or names from {tuple(SHAPES)}"),
+        tokens=_csv("--tokens", pick("tokens"), _tokens, what="positive ints"),
+        densities=_csv("--densities", pick("densities"), _density, what="kept fractions in (0, 1]"),
+        blocks=_csv("--blocks", pick("blocks"), _block, what="B or BNxBK with sides in (16, 32, 64, 128)"),
+        dtypes=_csv("--dtype", pick("dtype"), DTYPES.__getitem__, what=f"names from {tuple(DTYPES)}"),
         providers=providers, layers=layers, context=context, decoder=decoder, out=Path(args.out), seed=args.seed,
         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, plot=not args.no_plot, threads=args.threads)
 
@@ -1018,7 +1023,7 @@ def _run(cfg: Config) -> list:
         log.info("no GPU: benchmarking the CPU path on %s", env["gpu"])
     log.info("%s | torch %s | triton %s | cuda %s | commit %s", env["gpu"], env["torch"], env["triton"] or "-",
              env["cuda"] or "-", env["commit"])
-    provs = {}
+    provs, unavailable = {}, []
     for name in cfg.providers:
         p = all_providers()[name]
         ok, why = p.available(cfg.device, cfg.dtypes[0])
@@ -1026,6 +1031,8 @@ def _run(cfg: Config) -> list:
             provs[name] = p
         else:
             log.info("provider %s skipped: %s", name, why)
+            unavailable.append(f"{name} ({why})")
+    check(provs, "--providers", f"at least one that runs on {cfg.device}", "; ".join(unavailable))
     for base in ("dense", "oracle"):
         if base not in provs:
             log.info("provider %s not selected: speedup / oracle columns stay empty", base)
@@ -1079,7 +1086,10 @@ FLOAT_FIELDS = ("density", "nominal_density", "ms_p50", "ms_p20", "ms_p80", "tfl
 def load_csv(path) -> list:
     """Rows of a ``bench.csv`` with numbers parsed (empty cells -> None)."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        check(reader.fieldnames and set(CSV_COLUMNS) <= set(reader.fieldnames), "--report",
+              "a bench.csv with the columns of DESIGN.md", f"{path} with {reader.fieldnames}")
+        rows = list(reader)
     for r in rows:
         for k in INT_FIELDS + FLOAT_FIELDS:
             if k in r:

@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from .errors import SparseCoreError
+
 
 def _info(args) -> int:
     import torch
@@ -30,7 +32,13 @@ def main(argv=None) -> int:
     bench.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (SparseCoreError, OSError) as e:  # bad flags and unusable paths: one line, as argparse's own
+        if args.verbose:
+            raise
+        print(f"sparsecore {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -115,6 +115,19 @@ def test_flags_parse_and_reject(tmp_path):
             bench.make_config(_parser().parse_args(["--device", "cpu", flag, value]))
 
 
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    """Bad flags, a missing or foreign report file, no runnable provider: one line, exit 2."""
+    (tmp_path / "notes.txt").write_text("hello\n")
+    for argv, text in ((["--blocks", "24"], "--blocks: expected B or BNxBK"),
+                       (["--report", str(tmp_path / "none.csv")], "No such file"),
+                       (["--report", str(tmp_path / "notes.txt")], "--report: expected a bench.csv"),
+                       (["--providers", "sparsecore-cuda", "--ops", "fwd", "--out", str(tmp_path / "o")],
+                        "--providers: expected at least one that runs on cpu")):
+        assert cli.main(["bench", "--device", "cpu", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("sparsecore bench: error: ") and text in err[-1] and "Traceback" not in err
+
+
 def test_structures_keep_what_they_claim():
     w = torch.randn(8, 64)
     w24 = bench.two_four(w)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import os
 
 from torch import nn
@@ -24,6 +25,8 @@ from torch import nn
 from . import io
 from .errors import check
 from .sparsify import sparsify as _sparsify
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "sparsecore.safetensors"
 DENSE_WEIGHTS_NAME = "model.safetensors"
@@ -40,8 +43,9 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: st
              ignore=(), **kwargs) -> nn.Module:
     """``sparsecore.sparsify`` for a ``transformers`` model; records ``config.sparsity_config``.
 
-    ``ignore``: fqns or glob patterns (``"*.pooler.*"``) of Linear layers to keep dense; the
-    output embeddings (LM head) are always kept dense. ``filter_fn(module, fqn)`` further
+    ``ignore``: fqns or glob patterns (``"*pooler*"``) of Linear layers to keep dense (a
+    pattern that matches no Linear is logged as a warning); the output embeddings (LM head)
+    are always kept dense. GPT-2-style ``Conv1D`` layers are not converted (warned). ``filter_fn(module, fqn)`` further
     restricts the layers, as in ``sparsecore.sparsify``. Other kwargs go to
     ``sparsecore.sparsify`` (calibration, reconstruct, balanced, backend, ...).
     """
@@ -50,6 +54,14 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: st
     check(isinstance(ignore, (list, tuple, set)) and all(isinstance(p, str) for p in ignore), "ignore",
           "a list of fqns or glob patterns", repr(ignore))
     skip = _output_embedding_names(model)
+    linears = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for p in ignore:
+        if not any(fnmatch.fnmatchcase(fqn, p) for fqn in linears):
+            log.warning("hf.sparsify: ignore pattern %r matches no nn.Linear", p)
+    conv1d = [fqn for fqn, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv1d:
+        log.warning("hf.sparsify: %d transformers Conv1D layers (GPT-2 style, weight [in, out]) are not supported "
+                    "and stay dense, e.g. %s", len(conv1d), conv1d[0])
 
     def keep(module, fqn):
         if fqn in skip or any(fnmatch.fnmatchcase(fqn, p) for p in ignore):

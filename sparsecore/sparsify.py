@@ -80,6 +80,8 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: st
     block = normalize_block(block)
     sparsity = prune.check_sparsity(sparsity)
     targets = target_linears(model, filter_fn)
+    if not targets:
+        log.warning("sparsify: no nn.Linear layer selected in %s: nothing to do", type(model).__name__)
     plans = prune.plan(model, targets, block=block, sparsity=sparsity, method=method, calibration=calibration,
                        reconstruct=reconstruct, balanced=balanced, **method_kwargs)
     for fqn, lin in targets:

@@ -83,6 +83,22 @@ def test_llama_lm_head_stays_dense_and_tied(tmp_path):
     assert torch.equal(hidden(loaded), hidden(model))
 
 
+def test_sparsify_warns_about_what_it_leaves_dense(caplog):
+    """Nothing is left dense silently: GPT-2's Conv1D layers, ignore patterns matching nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=32))
+    with caplog.at_level("WARNING", logger="sparsecore"):
+        schf.sparsify(gpt2, block=(16, 16), sparsity=0.5)
+    assert "8 transformers Conv1D layers" in caplog.text and "no nn.Linear layer selected" in caplog.text
+    caplog.clear()
+    model = bert()
+    with caplog.at_level("WARNING", logger="sparsecore"):
+        schf.sparsify(model, block=(16, 16), sparsity=0.5, ignore=["*pooler*", "encoder.layer.9.*"])
+    assert "'encoder.layer.9.*' matches no nn.Linear" in caplog.text and "pooler" not in caplog.text
+    assert type(model.pooler.dense) is nn.Linear and isinstance(model.encoder.layer[0].output.dense, sc.SparseLinear)
+
+
 def test_from_pretrained_skeleton_has_no_dense_weights():
     """from_pretrained builds the architecture with parameters on the meta device (no memory,
     no random init) and real buffers (RoPE tables are computed, not loaded)."""

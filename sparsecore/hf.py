@@ -23,7 +23,7 @@ import os
 from torch import nn
 
 from . import io
-from .errors import check
+from .errors import SparseCoreError, check
 from .sparsify import sparsify as _sparsify
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def save_pretrained(model: nn.Module, path, dense: bool = False) -> None:
     path = io._path(path)
     os.makedirs(path, exist_ok=True)
     config = model.config
+    config.architectures = [type(model).__name__]  # as transformers' save_pretrained
     had = hasattr(config, "sparsity_config")
     saved = getattr(config, "sparsity_config", None)
     try:
@@ -133,11 +134,22 @@ def from_pretrained(cls_or_auto, path, dtype=None, device=None) -> nn.Module:
     check(is_model_class or hasattr(cls_or_auto, "from_config"), "cls_or_auto",
           "a transformers Auto class or PreTrainedModel subclass", repr(cls_or_auto))
 
+    built = []
+
     def build():  # the skeleton: no memory and no random init for the dense weights
         with _parameters_on_meta():
-            return cls_or_auto(config) if is_model_class else cls_or_auto.from_config(config)
+            built.append(cls_or_auto(config) if is_model_class else cls_or_auto.from_config(config))
+        return built[0]
 
-    model = io.load(build, weights).to(device=device, dtype=dtype)
+    saved_as = (getattr(config, "architectures", None) or [None])[0]
+    try:
+        model = io.load(build, weights)
+    except SparseCoreError as e:  # e.g. a ForCausalLM checkpoint into AutoModel: other layer names
+        if built and saved_as and type(built[0]).__name__ != saved_as:
+            raise SparseCoreError(f"{e} (the checkpoint holds a {saved_as}, this built a {type(built[0]).__name__}: "
+                                  f"load it with {saved_as} or its Auto class)") from None
+        raise
+    model = model.to(device=device, dtype=dtype)
     model.config.sparsity_config = sparse_cfg
     return model.eval()
 

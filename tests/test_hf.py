@@ -81,6 +81,8 @@ def test_llama_lm_head_stays_dense_and_tied(tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert not loaded.training
     assert torch.equal(hidden(loaded), hidden(model))
+    with pytest.raises(sc.SparseCoreError, match="holds a LlamaForCausalLM, this built a LlamaModel"):
+        schf.from_pretrained(AutoModel, tmp_path)
 
 
 def test_sparsify_warns_about_what_it_leaves_dense(caplog):

@@ -329,7 +329,8 @@ cudaError_t launch_bsr_decode_rows(const BsrParams& p, DType dt, int bn, int spl
   });
 }
 
-int bsr_decode_max_split() {
+namespace {
+int max_split_query() {
   // Clusters need the kernel compiled for sm_90+ (__CUDA_ARCH__ follows the PTX it came from:
   // a JIT of the compute_80 PTX on a newer GPU has no cluster code) and running as such.
   const auto kernel = bsr_fwd_decode_rows<__half, 128>;  // the most shared memory of them
@@ -344,8 +345,14 @@ int bsr_decode_max_split() {
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n >= 1) return s;
   }
-  cudaGetLastError();  // clear a failed query
   return 1;
+}
+}  // namespace
+
+int bsr_decode_max_split() {
+  const int s = max_split_query();
+  cudaGetLastError();  // a failed query must not surface at the next launch check
+  return s;
 }
 
 cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream_t stream) {

@@ -38,6 +38,8 @@ namespace {
 
 using at::Tensor;
 
+constexpr int64_t kMaxRows = 65535LL * 128;  // grid.y (65535) x the largest row tile
+
 bool is_block_side(int64_t s) { return s == 16 || s == 32 || s == 64 || s == 128; }
 
 int parse_activation(c10::string_view a) {
@@ -156,8 +158,11 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   if (bias) check_same_device(x, {{&*bias, "bias"}});
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t bn = values.size(1), bk = values.size(2);
-  TORCH_CHECK(M <= 65535LL * 128 && K < INT_MAX - 8, "cuda_bsr_linear: x: expected at most ", 65535LL * 128,
+  TORCH_CHECK(M <= kMaxRows && K < INT_MAX - 8, "cuda_bsr_linear: x: expected at most ", kMaxRows,
               " rows and fewer than 2^31 - 8 columns, got ", x.sizes());
+  TORCH_CHECK(R * bn < INT_MAX - 64 && values.size(0) < INT_MAX, "cuda_bsr_linear: values: expected fewer than ",
+              "2^31 - 64 padded output features (block-rows x BN) and 2^31 blocks, got ", R, " block-rows of ", bn,
+              " and ", values.size(0), " blocks");
 
   c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo& info = checked_device(x);
@@ -192,7 +197,9 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   const DType dt = x.scalar_type() == at::kHalf ? kFloat16 : kBFloat16;
 
   const bool decode_ok = M <= kDecodeMaxM && bk >= 32;
-  const bool sm90_ok = bsr_sm90_built() && info.major == 9 && info.minor == 0;
+  // TMA coordinates are int32: the values map has nnzb x BN rows
+  const bool sm90_fits = values.size(0) * bn <= INT_MAX;
+  const bool sm90_ok = bsr_sm90_built() && info.major == 9 && info.minor == 0 && sm90_fits;
   std::string which(kernel);
   if (which == "auto") which = decode_ok ? "decode" : sm90_ok ? "sm90" : "sm80";
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -215,8 +222,9 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   } else if (which == "sm90") {
-    TORCH_CHECK(sm90_ok, "cuda_bsr_linear: kernel: 'sm90' expects a compute capability 9.0 GPU and a build with ",
-                "sm_90a, got ", info.major, ".", info.minor, bsr_sm90_built() ? "" : " and a build without sm_90a");
+    TORCH_CHECK(sm90_ok, "cuda_bsr_linear: kernel: 'sm90' expects a compute capability 9.0 GPU, a build with ",
+                "sm_90a and at most 2^31 - 1 rows of kept blocks (nnzb x BN), got ", info.major, ".", info.minor,
+                bsr_sm90_built() ? "" : ", a build without sm_90a", ", nnzb x BN = ", values.size(0) * bn);
     Tensor counter = at::zeros({1}, x.options().dtype(at::kInt));
     p.tile_counter = counter.data_ptr<int>();
     C10_CUDA_CHECK(launch_bsr_sm90(p, dt, static_cast<int>(bn), info.sms, stream));
@@ -271,8 +279,11 @@ Tensor grad_input_cuda(const Tensor& dy, const Tensor& values, const Tensor& col
   const int64_t C = check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features);
   check_same_device(dy, {{&values, "values"}, {&col_ptr, "col_ptr"}, {&row_idx, "row_idx"}, {&t_perm, "t_perm"}});
   const int64_t M = dy.size(0);
-  TORCH_CHECK(M <= 65535LL * 128 && dy.size(1) < INT_MAX - 8 && in_features < INT_MAX,
-              "cuda_bsr_linear: dy: expected at most ", 65535LL * 128, " rows, got ", dy.sizes());
+  TORCH_CHECK(M <= kMaxRows && dy.size(1) < INT_MAX - 8, "cuda_bsr_linear: dy: expected at most ", kMaxRows,
+              " rows and fewer than 2^31 - 8 columns, got ", dy.sizes());
+  TORCH_CHECK(C * values.size(2) < INT_MAX - 64 && values.size(0) < INT_MAX, "cuda_bsr_linear: in_features: ",
+              "expected fewer than 2^31 - 64 padded input features (block-columns x BK) and 2^31 blocks, got ", C,
+              " block-columns of ", values.size(2), " and ", values.size(0), " blocks");
   c10::cuda::CUDAGuard guard(dy.device());
   checked_device(dy);
   Tensor dx = at::empty({M, in_features}, dy.options());
@@ -377,6 +388,10 @@ int64_t decode_plan(int64_t device, int64_t M, int64_t R, int64_t nnzb, int64_t 
                   nnzb >= 0 && nnzb < INT_MAX,
               "cuda_decode_split: expected 1 <= M <= ", kDecodeMaxM, ", block_k in {32, 64, 128}, 0 <= block_rows, "
               "nnzb < 2^31, got M=", M, ", block_rows=", R, ", nnzb=", nnzb, ", block_k=", block_k);
+  int count = 0;
+  C10_CUDA_CHECK(cudaGetDeviceCount(&count));
+  TORCH_CHECK(device >= 0 && device < count, "cuda_decode_split: device: expected a CUDA device index in [0, ",
+              count, "), got ", device);
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const DeviceInfo& info = device_info(static_cast<int>(device));
   const int bk_shift = __builtin_ctzll(static_cast<unsigned long long>(block_k));

@@ -322,3 +322,12 @@ def test_errors_name_the_argument():
     from sparsecore.backends import cuda
 
     assert cuda.supports(x, W.values) and not cuda.supports(x.float(), W.values.float())
+    # beyond the kernels' grid: supports() is False (auto picks another backend), the op raises
+    tall = torch.zeros(cuda.MAX_ROWS + 1, 16, device="cuda", dtype=torch.float16)
+    W16 = sc.BlockSparseWeight.from_dense(torch.ones(32, 16, device="cuda", dtype=torch.float16),
+                                          torch.ones(2, 1, dtype=torch.bool), block=(16, 16))
+    assert not cuda.supports(tall, W16.values)
+    with pytest.raises(RuntimeError, match="x: expected at most"):
+        _run(tall, W16)
+    with pytest.raises(RuntimeError, match="cuda_decode_split: device: expected a CUDA device index"):
+        torch.ops.sparsecore.cuda_decode_split(torch.cuda.device_count(), 1, 4, 4, 64)

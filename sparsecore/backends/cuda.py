@@ -39,6 +39,7 @@ import torch
 from ..format import BLOCK_SIDES
 
 DTYPES = (torch.float16, torch.bfloat16)
+MAX_ROWS = 65535 * 128  # the kernels' grid.y x row tile (csrc/sparsecore_ops.cpp kMaxRows)
 
 _state: dict = {}  # "error": None when loaded, else the reason (set by the first _load())
 
@@ -71,6 +72,7 @@ def supports(x, values):
         return False
     return (x.dtype in DTYPES and values.dtype == x.dtype and values.dim() == 3
             and values.shape[1] in BLOCK_SIDES and values.shape[2] in BLOCK_SIDES
+            and x.shape[0] <= MAX_ROWS and x.shape[-1] < 2**31 - 8
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 

@@ -73,6 +73,15 @@ def pad_to_blocks(w: torch.Tensor, block) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, pk, 0, pn)) if (pn or pk) else w
 
 
+def inside(shape, block, block_row: torch.Tensor, col_idx: torch.Tensor) -> torch.Tensor:
+    """bool ``[nnzb, BN, BK]``: the entries of the kept blocks that lie inside ``shape`` (the
+    rest is padding, kept at zero)."""
+    (bn, bk), dev = block, block_row.device
+    rows = block_row.long()[:, None] * bn + torch.arange(bn, device=dev)  # [nnzb, BN]
+    cols = col_idx.long()[:, None] * bk + torch.arange(bk, device=dev)    # [nnzb, BK]
+    return (rows < shape[0])[:, :, None] & (cols < shape[1])[:, None, :]
+
+
 def blocks_to_dense(values: torch.Tensor, block_row: torch.Tensor, col_idx: torch.Tensor, shape) -> torch.Tensor:
     """Scatter kept blocks ``values [nnzb, BN, BK]`` into a dense ``[N, K]`` (zeros elsewhere).
 
@@ -224,6 +233,42 @@ class BlockSparseWeight:
         blocks = pad_to_blocks(w, bm.block).reshape(R, bn, C, bk).permute(0, 2, 1, 3)
         values = blocks[m].contiguous()  # [nnzb, BN, BK] in row-major (BSR) order
         return cls(values, w.shape, bm.block, meta, validate=False)
+
+    @classmethod
+    def from_sparse_bsr(cls, t: torch.Tensor, shape=None) -> "BlockSparseWeight":
+        """From PyTorch's own BSR tensor (``w.to_sparse_bsr((BN, BK))``), with no dense copy.
+
+        ``t``: 2-D, ``layout=torch.sparse_bsr``, size ``[R*BN, C*BK]``, blocks in any order
+        within a row (no duplicates). ``shape``: the logical ``[N, K]`` when ``t`` is its
+        zero-padded form (entries beyond it are dropped); default ``t.shape``.
+        """
+        check(isinstance(t, torch.Tensor) and t.layout == torch.sparse_bsr, "t",
+              "a torch.sparse_bsr tensor (Tensor.to_sparse_bsr)", getattr(t, "layout", type(t).__name__))
+        check(t.dim() == 2 and t.values().dim() == 3, "t", "a 2-D BSR tensor (no batch or dense dimensions)",
+              f"shape {tuple(t.shape)} with values {tuple(t.values().shape)}")
+        block = normalize_block(tuple(t.values().shape[1:]))
+        R, C = t.shape[0] // block[0], t.shape[1] // block[1]
+        shape = normalize_shape(tuple(t.shape) if shape is None else shape)
+        check(grid_shape(shape, block) == (R, C), "shape", f"a shape that {(R, C)} blocks of {block} pad",
+              repr(shape))
+        check(t.dtype in FLOAT_DTYPES, "t", f"a floating dtype {FLOAT_DTYPES}", t.dtype)
+        check(bool(torch.isfinite(t.values()).all()), "t", "finite values (no NaN/Inf)", "non-finite entries")
+        crow, col = t.crow_indices().long(), t.col_indices().long()
+        rows = torch.repeat_interleave(torch.arange(R, device=crow.device), crow.diff())
+        mask = torch.zeros(R, C, dtype=torch.bool, device=crow.device)
+        mask[rows, col] = True
+        check(int(mask.sum()) == col.numel(), "t", "no duplicate blocks (coalesced)",
+              f"{col.numel()} blocks at {int(mask.sum())} positions")
+        values = t.values()[torch.argsort(rows * C + col)]  # -> row-major (BSR) order, cols sorted
+        meta = build_metadata(mask.to(values.device))
+        values = values * inside(shape, block, meta["block_row"], meta["col_idx"])  # padding -> 0
+        return cls(values, shape, block, meta, validate=False)
+
+    def to_sparse_bsr(self) -> torch.Tensor:
+        """PyTorch's BSR tensor of the zero-padded weight, size ``[R*BN, C*BK]`` (int32 indices)."""
+        (R, C), (bn, bk) = self.grid, self.block
+        return torch.sparse_bsr_tensor(self.row_ptr, self.col_idx, self.values, size=(R * bn, C * bk),
+                                       check_invariants=False)  # valid by construction
 
     # -- views -----------------------------------------------------------------------
     @property

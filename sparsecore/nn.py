@@ -21,7 +21,7 @@ from torch import nn
 
 from . import backends, ops
 from .errors import check
-from .format import META_FIELDS, BlockMask, BlockSparseWeight, build_metadata, grid_shape, normalize_block
+from .format import META_FIELDS, BlockMask, BlockSparseWeight, build_metadata, grid_shape, inside, normalize_block
 from .prune.magnitude import block_mask
 
 
@@ -61,10 +61,9 @@ class SparseLinear(nn.Module):
         if self.values.is_meta:  # no data to initialize
             return
         bound = 1 / math.sqrt(self.in_features)
-        with torch.no_grad():
-            dense = torch.empty(self.out_features, self.in_features, dtype=self.values.dtype,
-                                device=self.values.device).uniform_(-bound, bound)
-            self.values.copy_(BlockSparseWeight.from_dense(dense, self.block_mask()).values)
+        with torch.no_grad():  # the kept entries only: no dense weight is made
+            self.values.uniform_(-bound, bound).mul_(
+                inside((self.out_features, self.in_features), self.block, self.block_row, self.col_idx))
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
 
@@ -83,12 +82,27 @@ class SparseLinear(nn.Module):
         if mask is None:
             mask = block_mask(w, block, sparsity, score=score, balanced=balanced)
         W = BlockSparseWeight.from_dense(w, mask, None if isinstance(mask, BlockMask) else block)
-        lin = cls(linear.in_features, linear.out_features, linear.bias is not None, block=W.block,
-                  mask=W.block_mask(), backend=backend, device=w.device, dtype=w.dtype)
+        return cls.from_sparse(W, linear.bias, backend=backend)
+
+    @classmethod
+    def from_sparse(cls, weight, bias=None, *, backend: str = "auto") -> "SparseLinear":
+        """A layer holding ``weight`` (a ``BlockSparseWeight``, or PyTorch's ``sparse_bsr``
+        tensor ``[out, in]``) and ``bias [out]``, copied, on their device and dtype; no dense
+        weight is made."""
+        if isinstance(weight, torch.Tensor) and weight.layout == torch.sparse_bsr:
+            weight = BlockSparseWeight.from_sparse_bsr(weight)
+        check(isinstance(weight, BlockSparseWeight), "weight", "a BlockSparseWeight or a sparse_bsr tensor",
+              type(weight).__name__)
+        out_features, in_features = weight.shape
+        check(bias is None or isinstance(bias, torch.Tensor) and tuple(bias.shape) == (out_features,), "bias",
+              f"None or a tensor of shape ({out_features},)", type(bias).__name__
+              if not isinstance(bias, torch.Tensor) else f"shape {tuple(bias.shape)}")
+        lin = cls(in_features, out_features, bias is not None, block=weight.block, mask=weight.block_mask(),
+                  backend=backend, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            lin.values.copy_(W.values)
-            if linear.bias is not None:
-                lin.bias.copy_(linear.bias.detach())
+            lin.values.copy_(weight.values)
+            if bias is not None:
+                lin.bias.copy_(bias.detach())
         return lin
 
     # -- mask and metadata -----------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 import sparsecore as sc
 from sparsecore.format import build_metadata
 
-from conftest import random_weight
+from conftest import assert_close, oracle, random_weight
 
 SHAPES = [(64, 64), (100, 70), (1, 1), (129, 257), (16, 300)]
 BLOCKS = [16, 32, 64, 128, (16, 64), (128, 32)]
@@ -87,3 +87,46 @@ def test_metadata_of_empty_and_full():
     for m in (torch.zeros(3, 4, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)):
         meta = build_metadata(m)
         assert meta["row_ptr"].tolist()[-1] == int(m.sum()) and meta["col_ptr"].tolist()[-1] == int(m.sum())
+
+
+@pytest.mark.parametrize("shape,block", [((100, 70), (32, 32)), ((64, 256), (16, 64)), ((129, 40), (128, 16))])
+def test_torch_sparse_bsr_round_trip(shape, block):
+    """to_sparse_bsr / from_sparse_bsr against torch's own BSR conversion of the masked weight."""
+    w, m = random_weight(*shape, block, 0.5, generator=torch.Generator().manual_seed(3), empty_rows=1)
+    W = sc.BlockSparseWeight.from_dense(w, m)
+    t = W.to_sparse_bsr()
+    assert t.layout == torch.sparse_bsr and t.values().shape == W.values.shape
+    assert torch.equal(t.to_dense()[: shape[0], : shape[1]], W.to_dense())
+    back = sc.BlockSparseWeight.from_sparse_bsr(t, shape=shape)
+    assert torch.equal(back.values, W.values) and back.shape == W.shape
+    assert all(torch.equal(back.meta[k], W.meta[k]) for k in W.meta)
+    # PyTorch's own BSR of the padded masked weight (int64 indices) gives the same weight
+    R, C = W.grid
+    padded = torch.zeros(R * block[0], C * block[1])
+    padded[: shape[0], : shape[1]] = w * m.to_dense()
+    theirs = sc.BlockSparseWeight.from_sparse_bsr(padded.to_sparse_bsr(block), shape=shape)
+    assert torch.equal(theirs.to_dense(), W.to_dense()) and theirs.nnzb == W.nnzb
+    x = torch.randn(7, shape[1], generator=torch.Generator().manual_seed(4))
+    y = sc.ops.bsr_linear(x, theirs, backend="torch")
+    assert_close(y, oracle(x, w * m.to_dense()), torch.float32)
+
+
+def test_from_sparse_bsr_unsorted_padding_and_errors():
+    # blocks out of order within a row, nonzero entries beyond the logical shape
+    vals = torch.randn(3, 16, 16)
+    t = torch.sparse_bsr_tensor(torch.tensor([0, 2, 3]), torch.tensor([1, 0, 1]), vals, size=(32, 32),
+                                check_invariants=False)
+    W = sc.BlockSparseWeight.from_sparse_bsr(t, shape=(20, 30))
+    assert W.col_idx.tolist() == [0, 1, 1] and torch.equal(W.values[0], vals[1])
+    ref = torch.zeros(32, 32)
+    ref[:16, 16:], ref[:16, :16], ref[16:, 16:] = vals[0], vals[1], vals[2]
+    assert torch.equal(W.to_dense(), ref[:20, :30])
+    assert W.values[2, 4:].abs().sum() == 0 and W.values[1:, :, 14:].abs().sum() == 0  # padding zeroed
+    dup = torch.sparse_bsr_tensor(torch.tensor([0, 2, 2]), torch.tensor([1, 1]), vals[:2], size=(32, 32),
+                                  check_invariants=False)
+    for bad, arg in ((dup, "t"), (torch.randn(32, 32), "t"), (torch.randn(32, 32).to_sparse_csr(), "t"),
+                     (t.to_dense().to_sparse_bsr((16, 8)), "block")):
+        with pytest.raises(sc.SparseCoreError, match=arg):
+            sc.BlockSparseWeight.from_sparse_bsr(bad)
+    with pytest.raises(sc.SparseCoreError, match="shape"):
+        sc.BlockSparseWeight.from_sparse_bsr(t, shape=(40, 30))

@@ -37,6 +37,33 @@ def test_constructor_like_nn_linear():
     assert float(sl.dense_weight().detach().abs().max()) <= 1 / 50 ** 0.5 + 1e-6
     # the padding of partial blocks stays zero
     assert float(sl.values.detach()[-1, 6:, :].abs().sum()) == 0.0
+    # kept entries are U(-1/sqrt(in), 1/sqrt(in)) as nn.Linear's: std bound/sqrt(3), mean 0
+    big = sc.SparseLinear(400, 300, block=64).dense_weight().detach()
+    assert abs(float(big.std()) * 3 ** 0.5 * 20 - 1) < 0.02 and abs(float(big.mean())) < 1e-3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_sparse_weight_or_torch_bsr(bias):
+    """A layer from a BlockSparseWeight or PyTorch's sparse_bsr tensor computes the same linear."""
+    dense = _lin(bias=bias)
+    w = dense.weight.detach()
+    mask = sc.prune.block_mask(w, (16, 32), 0.5)
+    W = sc.BlockSparseWeight.from_dense(w, mask)
+    b = dense.bias.detach() if bias else None
+    x = torch.randn(6, 96)
+    ref = oracle(x, w * mask.to_dense(), b)
+    t = (w * mask.to_dense()).to_sparse_bsr((16, 32))
+    for weight in (W, t):
+        sl = sc.SparseLinear.from_sparse(weight, b)
+        assert (sl.in_features, sl.out_features, sl.block) == (96, 80, (16, 32)) and sl.density == W.density
+        assert_close(sl(x), ref, torch.float32)
+    sl.values.data.zero_()  # copied, not shared
+    assert W.values.abs().sum() > 0
+    half = sc.SparseLinear.from_sparse(W.to(torch.float16))
+    assert half.values.dtype == torch.float16 and half.bias is None
+    for bad, arg in (((w,), "weight"), ((W, torch.zeros(3)), "bias")):
+        with pytest.raises(sc.SparseCoreError, match=arg):
+            sc.SparseLinear.from_sparse(*bad)
 
 
 def test_state_dict_roundtrip_torch_save_and_safetensors(tmp_path):

@@ -39,8 +39,8 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
     return {fqn for fqn, m in model.named_modules() if head is not None and m is head}
 
 
-def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: str = "magnitude", filter_fn=None,
-             ignore=(), **kwargs) -> nn.Module:
+def sparsify(model: nn.Module, block=(64, 64), sparsity: float | None = None, method: str = "magnitude",
+             filter_fn=None, ignore=(), **kwargs) -> nn.Module:
     """``sparsecore.sparsify`` for a ``transformers`` model; records ``config.sparsity_config``.
 
     ``ignore``: fqns or glob patterns (``"*pooler*"``) of Linear layers to keep dense (a

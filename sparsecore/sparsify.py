@@ -61,14 +61,17 @@ def target_linears(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Linea
     return out
 
 
-def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: str = "magnitude", filter_fn=None,
-             calibration=None, reconstruct: bool = False, balanced: bool = False, backend: str = "auto",
-             **method_kwargs) -> nn.Module:
+def sparsify(model: nn.Module, block=(64, 64), sparsity: float | None = None, method: str = "magnitude",
+             filter_fn=None, calibration=None, reconstruct: bool = False, balanced: bool = False,
+             backend: str = "auto", **method_kwargs) -> nn.Module:
     """Prune every selected ``nn.Linear`` of ``model`` to ``block`` masks and swap in ``SparseLinear``.
 
     ``filter_fn(module, fqn) -> bool`` picks layers (default: all). ``method``: "magnitude"
     or "wanda" (activation-aware, fed by ``calibration``: an iterable of model inputs; a
-    tensor is passed as ``model(t)``, a dict as ``model(**d)``). ``reconstruct=True`` refits
+    tensor is passed as ``model(t)``, a dict as ``model(**d)``), at ``sparsity`` (default
+    0.5); or "nonzero": no pruning, each layer keeps the blocks of its weight that hold any
+    nonzero entry (weights pruned elsewhere; ``sparsity`` stays None; a layer with no zero
+    block stays ``nn.Linear``). ``reconstruct=True`` refits
     the kept blocks and the bias of each layer to the dense model's output on the
     calibration data. Further keywords go to ``sparsecore.prune.plan``: ``score`` ("l1" /
     "l2"), ``allocation`` ("uniform" | "global" | "sensitivity" | {fqn: sparsity}),
@@ -77,13 +80,26 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float = 0.5, method: st
     """
     check(isinstance(model, nn.Module), "model", "an nn.Module", type(model).__name__)
     check(backend in backends.CHOICES, "backend", f"one of {backends.CHOICES}", repr(backend))
+    check(method in prune.METHODS + ("nonzero",), "method", f"one of {prune.METHODS + ('nonzero',)}", repr(method))
     block = normalize_block(block)
-    sparsity = prune.check_sparsity(sparsity)
+    if method == "nonzero":
+        check(sparsity is None and calibration is None and not reconstruct and not balanced and not method_kwargs,
+              "method", "'nonzero' alone (the weights' zero blocks decide: no sparsity, calibration, reconstruct, "
+              "balanced or pruner options)", f"sparsity={sparsity!r}, options {sorted(method_kwargs)}")
+    else:
+        sparsity = prune.check_sparsity(0.5 if sparsity is None else sparsity)
     targets = target_linears(model, filter_fn)
     if not targets:
         log.warning("sparsify: no nn.Linear layer selected in %s: nothing to do", type(model).__name__)
-    plans = prune.plan(model, targets, block=block, sparsity=sparsity, method=method, calibration=calibration,
-                       reconstruct=reconstruct, balanced=balanced, **method_kwargs)
+    if method == "nonzero":
+        plans = {fqn: prune.nonzero_mask(lin.weight.detach(), block) for fqn, lin in targets}
+        for fqn in [f for f, m in plans.items() if m.density == 1.0]:
+            log.info("sparsify: %s has no all-zero %s block: left as nn.Linear", fqn, block)
+            del plans[fqn]
+        targets = [(fqn, lin) for fqn, lin in targets if fqn in plans]
+    else:
+        plans = prune.plan(model, targets, block=block, sparsity=sparsity, method=method, calibration=calibration,
+                           reconstruct=reconstruct, balanced=balanced, **method_kwargs)
     for fqn, lin in targets:
         new = SparseLinear.from_dense(lin, mask=plans[fqn], backend=backend)
         new.train(lin.training)

@@ -283,3 +283,37 @@ def test_calibration_runs_in_eval_mode_and_restores_modes():
     assert torch.equal(a[1].running_mean, stats[0]) and int(a[1].num_batches_tracked) == stats[1]
     for i in (0, 4):
         assert torch.equal(a[i].mask, b[i].mask) and torch.equal(a[i].values, b[i].values)
+
+
+def test_sparsify_nonzero_keeps_weights_pruned_elsewhere(caplog):
+    """method="nonzero": a weight already full of zero blocks converts with no value changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 80), nn.ReLU(), nn.Linear(80, 64), nn.ReLU(), nn.Linear(64, 40))
+    keep = torch.rand(3, 3) < 0.5
+    keep[0, 0] = True
+    with torch.no_grad():
+        w = model[0].weight
+        w.mul_(sc.BlockMask(keep, 32, (80, 96)).to_dense())
+        w[0, :5] = 0.0               # zeros inside a kept block do not drop it
+        w[40, 70] = 1e-30            # one tiny nonzero entry keeps its block (1, 2)
+        model[4].weight.zero_()      # all blocks zero: density 0
+    expected = keep.clone()
+    expected[1, 2] = True
+    before = {i: model[i].weight.detach().clone() for i in (0, 2, 4)}
+    x = torch.randn(5, 96)
+    with caplog.at_level("INFO", logger="sparsecore.sparsify"):
+        sc.sparsify(model, block=32, method="nonzero")
+    assert isinstance(model[0], sc.SparseLinear) and torch.equal(model[0].mask, expected)
+    assert isinstance(model[2], nn.Linear) and not isinstance(model[2], sc.SparseLinear)  # nothing to skip
+    assert "left as nn.Linear" in caplog.text
+    assert isinstance(model[4], sc.SparseLinear) and model[4].density == 0.0
+    for i in (0, 4):
+        assert torch.equal(model[i].dense_weight(), before[i])
+    h = torch.relu(oracle(x, before[0], model[0].bias))
+    h = torch.relu(oracle(h, before[2], model[2].bias.detach()))
+    assert_close(model(x), oracle(h, before[4], model[4].bias), torch.float32)
+    for kwargs in ({"sparsity": 0.5}, {"reconstruct": True}):
+        with pytest.raises(sc.SparseCoreError, match="method"):
+            sc.sparsify(nn.Sequential(nn.Linear(32, 32)), block=16, method="nonzero", **kwargs)
+    with pytest.raises(sc.SparseCoreError, match="nonzero"):
+        sc.sparsify(nn.Sequential(nn.Linear(32, 32)), block=16, method="random")

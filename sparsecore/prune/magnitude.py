@@ -72,3 +72,11 @@ def block_mask(w: torch.Tensor, block=(64, 64), sparsity: float = 0.5, score="l2
         check(score in SCORES, "score", f"one of {SCORES} or a tensor", repr(score))
         imp = w.abs() if score == "l1" else w.float() ** 2
     return BlockMask(select_blocks(block_scores(imp, block), sparsity, balanced), block, tuple(w.shape))
+
+
+def nonzero_mask(w: torch.Tensor, block=(64, 64)) -> BlockMask:
+    """The blocks of ``w [N, K]`` that hold any nonzero entry: the mask of a weight already
+    pruned elsewhere (a dense tensor full of zeros), so converting it changes no value."""
+    _check_weight(w)
+    block = normalize_block(block)
+    return BlockMask(block_scores(w != 0, block) > 0, block, tuple(w.shape))

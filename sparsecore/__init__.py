@@ -13,8 +13,8 @@ from .errors import SparseCoreError
 from .format import BlockMask, BlockSparseWeight
 from .io import load, save
 from .nn import SparseLinear
-from .sparsify import sparsify
+from .sparsify import densify, sparsify
 
 __version__ = "0.1.0"
 __all__ = ["BlockMask", "BlockSparseWeight", "SparseLinear", "SparseCoreError", "hf", "io", "load", "ops", "prune",
-           "save", "sparsify"]
+           "save", "sparsify", "densify"]

@@ -148,6 +148,19 @@ class SparseLinear(nn.Module):
         """Dense view for code that reads ``linear.weight`` (materializes; prefer ``values``)."""
         return self.dense_weight()
 
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the dense weight (zeros where pruned) and bias, copied, on this
+        layer's device and dtype, in its training mode and ``requires_grad``."""
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.values.device,
+                        dtype=self.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+                lin.bias.requires_grad_(self.bias.requires_grad)
+        lin.weight.requires_grad_(self.values.requires_grad)
+        return lin.train(self.training)
+
     @property
     def density(self) -> float:
         return self.values.shape[0] / max(1, self.mask.numel())

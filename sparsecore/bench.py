@@ -25,7 +25,7 @@ A row: build the problem (random data, never zeros) -> provider prepares copy 0 
 output is compared with the float64 reference (relative Frobenius error within a dtype
 tolerance; a wrong result fails the row, and the run exits nonzero) -> more copies until
 they exceed twice the L2 cache (rotated every call) -> timed: CUDA events via
-``triton.testing.do_bench`` (CUDA graphs via ``do_bench_cudagraph`` for M <= 128), or
+``triton.testing.do_bench`` (for M <= 128 a CUDA graph of many calls: ``time_cuda_graph``), or
 ``time.perf_counter`` on the CPU; median, p20, p80.
 """
 from __future__ import annotations
@@ -474,6 +474,7 @@ class Provider:
     kind = "block"
     ops = ("fwd", "mlp", "decoder")
     ours = False   # a crash is a failure (ours) or a skip (third party)
+    graphs = True  # False: the op syncs with the host, so a CUDA graph cannot capture it
 
     def available(self, device, dtype):
         return True, ""
@@ -522,6 +523,7 @@ class SparseCore(Provider):
 
     def __init__(self, backend):
         self.backend, self.name = backend, f"sparsecore-{backend}"
+        self.graphs = backend != "torch"  # the reference reads its row lengths on the host
 
     def available(self, device, dtype):
         return backends.module(self.backend).available()
@@ -660,17 +662,75 @@ def time_cpu(fn, warmup_ms: float, rep_ms: float, min_reps: int = 5, max_reps: i
     return _quantiles(samples)
 
 
+def _end_failed_capture(device: int, pool) -> None:
+    """Undo what a failed capture leaves behind. ``CUDAGraph.capture_end`` raises (capture
+    invalidated, e.g. by a host sync inside ``fn``) before it takes the caching allocator out of
+    capture mode, and the graph never releases its pool; from then on every
+    ``torch.cuda.empty_cache()`` fails an internal assert (torch 2.11)."""
+    try:
+        torch._C._cuda_endAllocateToPool(device, pool)
+    except RuntimeError:  # "not currently recording": capture_end got past it, the graph cleans up
+        return
+    torch._C._cuda_releasePool(device, pool)
+
+
+def time_cuda_graph(fn, rep_ms: float) -> tuple:
+    """(p50, p20, p80) ms per call of ``fn``: ``triton.testing.do_bench_cudagraph``'s method (as
+    many calls as fill ``rep_ms`` captured in one graph, 10 timed replays, no L2 flush), with the
+    cleanup it lacks when capture fails (then it raises)."""
+    device = torch.cuda.current_device()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate = start.elapsed_time(end) / 5
+        n = min(10_000, max(1, int(rep_ms / estimate))) if estimate > 0 else 1000
+        pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        g.capture_begin(pool=pool)
+        ended = False
+        try:
+            try:
+                for _ in range(n):
+                    fn()
+            finally:
+                g.capture_end()  # raises if the capture was invalidated
+                ended = True
+        except BaseException:
+            if not ended:
+                _end_failed_capture(device, pool)
+            raise
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(10):
+            start.record()
+            g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / n)
+    del g
+    return _quantiles(samples)
+
+
 def time_cuda(fn, warmup_ms: float, rep_ms: float, graph: bool) -> tuple:
     """(p50, p20, p80, timer) ms by CUDA events: a CUDA graph when asked (falls back to
     ``do_bench``, which flushes L2 before each call, if capture fails)."""
-    from triton.testing import do_bench, do_bench_cudagraph
-    q = [0.5, 0.2, 0.8]
+    from triton.testing import do_bench
     if graph:
         try:
-            return (*do_bench_cudagraph(fn, rep=max(1, int(rep_ms)), quantiles=q), "cudagraph")
+            return (*time_cuda_graph(fn, max(1.0, rep_ms)), "cudagraph")
         except Exception as e:  # capture is not possible for every provider: time it without
-            log.debug("CUDA graph capture failed (%s): timing with events", e)
+            log.info("CUDA graph capture failed (%s): timing with events", str(e).splitlines()[0][:160] if str(e)
+                     else type(e).__name__)
             torch.cuda.synchronize()
+    q = [0.5, 0.2, 0.8]
     return (*do_bench(fn, warmup=max(1, int(warmup_ms)), rep=max(1, int(rep_ms)), quantiles=q), "events")
 
 
@@ -807,7 +867,8 @@ class Runner:
         try:
             fns, timer_fn = self._rotate(fn, prov, prob, s)
             if self.cfg.device == "cuda":
-                p50, p20, p80, timer = time_cuda(timer_fn, self.cfg.warmup_ms, self.cfg.rep_ms, prob.M <= GRAPH_MAX_M)
+                graph = prob.M <= GRAPH_MAX_M and prov.graphs
+                p50, p20, p80, timer = time_cuda(timer_fn, self.cfg.warmup_ms, self.cfg.rep_ms, graph)
             else:
                 (p50, p20, p80), timer = time_cpu(timer_fn, self.cfg.warmup_ms, self.cfg.rep_ms), "perf_counter"
         except Exception as e:

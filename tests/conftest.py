@@ -44,11 +44,13 @@ def assert_close(out, ref, dtype, tol=None):
 
 
 def random_weight(n, k, block, density, dtype=torch.float32, device="cpu", generator=None, empty_rows=0):
-    """A random dense weight and a random BlockMask of about ``density`` (first rows emptied)."""
+    """A random dense weight and a random BlockMask of about ``density`` (first rows emptied).
+
+    Drawn on the generator's device (a CUDA generator keeps big GPU cases off the CPU)."""
     g = generator or torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g).to(dtype=dtype, device=device)
+    w = torch.randn(n, k, generator=g, device=g.device).to(dtype=dtype, device=device)
     R, C = sc.format.grid_shape((n, k), sc.format.normalize_block(block))
-    m = torch.rand(R, C, generator=g) < density
+    m = torch.rand(R, C, generator=g, device=g.device) < density
     m[:empty_rows] = False
     return w, sc.BlockMask(m.to(device), block, (n, k))
 

@@ -162,6 +162,74 @@ def test_crash_of_our_provider_fails_the_run(monkeypatch, tmp_path, caplog):
     assert rc == 1 and "ERROR provider sparsecore-torch" in caplog.text and "kernel exploded" in caplog.text
 
 
+class _FakeCuda:
+    """Just enough of torch.cuda for bench.time_cuda_graph's control flow on the CPU."""
+
+    def __init__(self, monkeypatch, capture_end_error=None, released_by_torch=False):
+        self.calls = []
+        fake = self
+
+        class Graph:
+            def capture_begin(self, pool):
+                fake.calls.append(("capture_begin", pool))
+
+            def capture_end(self):
+                if capture_end_error:
+                    raise RuntimeError(capture_end_error)
+
+            def replay(self):
+                fake.calls.append("replay")
+
+        class Event:
+            def __init__(self, enable_timing):
+                pass
+
+            def record(self):
+                pass
+
+            def elapsed_time(self, other):
+                return 2.0
+
+        def end_pool(device, pool):
+            fake.calls.append(("end", pool))
+            if released_by_torch:
+                raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        for name, value in {"current_device": lambda: 0, "Stream": Stream, "current_stream": Stream,
+                            "stream": lambda s: __import__("contextlib").nullcontext(), "Event": Event,
+                            "synchronize": lambda: None, "graph_pool_handle": lambda: (0, 7),
+                            "CUDAGraph": Graph}.items():
+            monkeypatch.setattr(torch.cuda, name, value, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end_pool, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda d, p: self.calls.append(("release", p)),
+                            raising=False)
+
+
+def test_cuda_graph_timer_cleans_up_a_failed_capture(monkeypatch):
+    """torch's capture_end raises (capture invalidated by a host sync) before it takes the caching
+    allocator out of capture mode; unless the timer ends that and releases the pool, every later
+    torch.cuda.empty_cache() fails an internal assert. Then it raises (time_cuda falls back)."""
+    fake = _FakeCuda(monkeypatch, capture_end_error="operation not permitted when stream is capturing")
+    with pytest.raises(RuntimeError, match="capturing"):
+        bench.time_cuda_graph(lambda: None, 10.0)
+    assert fake.calls == [("capture_begin", (0, 7)), ("end", (0, 7)), ("release", (0, 7))]
+    # capture_end failed after the allocator's part: the graph releases its own pool
+    fake = _FakeCuda(monkeypatch, capture_end_error="Invalid capture.", released_by_torch=True)
+    with pytest.raises(RuntimeError, match="Invalid capture"):
+        bench.time_cuda_graph(lambda: None, 10.0)
+    assert fake.calls == [("capture_begin", (0, 7)), ("end", (0, 7))]
+    # a capture that works (every event pair reads 2 ms): estimate 2/5 ms per call, so the graph
+    # holds 10 / 0.4 = 25 calls; 10 replays, each 2 ms / 25 calls
+    fake = _FakeCuda(monkeypatch)
+    calls = []
+    assert bench.time_cuda_graph(lambda: calls.append(1), 10.0) == pytest.approx((0.08,) * 3)
+    assert len(calls) == 1 + 5 + 25 and fake.calls.count("replay") == 10
+
+
 @pytest.mark.gpu
 def test_gpu_harness_tiny(tmp_path):
     """Every available GPU provider on a tiny bf16 config: graphs for small M, events for
@@ -177,3 +245,6 @@ def test_gpu_harness_tiny(tmp_path):
     small = [r for r in rows if r["op"] == "fwd" and r["M"] == "1" and r["provider"] == "dense"]
     assert small and int(small[0]["copies"]) > 1  # a 64 KiB weight is far below L2: rotated
     assert {r["timer"] for r in rows if r["M"] == "130"} == {"events"}
+    # our GPU ops are capturable (the reference backend syncs: it is timed with events)
+    assert {r["timer"] for r in rows if r["M"] == "1" and r["provider"] in (
+        "dense", "oracle", "sparsecore-triton", "sparsecore-cuda")} == {"cudagraph"}

@@ -1,6 +1,7 @@
-"""A small GPU case for compute-sanitizer (memcheck / racecheck), used by bench/device.sh when
-``csrc/sanitize_case.py`` does not exist: forward, dX and dW of every available GPU backend on
-a few small shapes (odd M, an empty block-row, padding), each checked against float64.
+"""A small GPU case for compute-sanitizer (memcheck / racecheck), run by bench/device.sh after
+``csrc/sanitize_case.py`` (which calls each CUDA kernel by name): forward, dX and dW through the
+public ops of every available GPU backend (the Triton kernels too) on a few small shapes (odd M,
+an empty block-row, padding), each checked against float64.
 
     compute-sanitizer --tool memcheck python3 bench/sanitize_case.py
 

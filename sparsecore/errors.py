@@ -9,7 +9,13 @@ class SparseCoreError(ValueError, TypeError):
     """
 
 
+def fail(arg, expected, got):
+    """Raise SparseCoreError(`arg`: expected ..., got ...). Hot paths test first and call this,
+    so the message is only formatted for bad input."""
+    raise SparseCoreError(f"{arg}: expected {expected}, got {got}")
+
+
 def check(cond, arg, expected, got):
     """Raise SparseCoreError(`arg`: expected ..., got ...) unless `cond`."""
     if not cond:
-        raise SparseCoreError(f"{arg}: expected {expected}, got {got}")
+        fail(arg, expected, got)

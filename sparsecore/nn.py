@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import backends, ops
-from .errors import check
+from .errors import check, fail
 from .format import META_FIELDS, BlockMask, BlockSparseWeight, build_metadata, grid_shape, inside, normalize_block
 from .prune.magnitude import block_mask
 
@@ -167,8 +167,8 @@ class SparseLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features, "input",
-              f"last dim {self.in_features} (in_features)", f"shape {tuple(getattr(x, 'shape', ()))}")
+        if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features):
+            fail("input", f"last dim {self.in_features} (in_features)", f"shape {tuple(getattr(x, 'shape', ()))}")
         meta = {name: getattr(self, name) for name in META_FIELDS}
         return ops.bsr_linear_tensors(x, self.values, meta, self.out_features, self.bias, "none", self.backend)
 

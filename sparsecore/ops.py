@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .errors import check
+from .errors import check, fail
 from .format import BLOCK_SIDES, BlockSparseWeight
 
 
@@ -33,9 +33,9 @@ def _check_meta(nnzb: int, block, n: int, k: int, device, **meta) -> None:
     lengths = {"row_ptr": R + 1, "col_ptr": C + 1, "row_order": R, "col_idx": nnzb, "block_row": nnzb,
                "row_idx": nnzb, "t_perm": nnzb}
     for name, t in meta.items():
-        check(t.dtype == torch.int32 and t.dim() == 1 and t.numel() == lengths[name] and t.device == device, name,
-              f"int32 [{lengths[name]}] on {device} (nnzb={nnzb}, blocks {block} over [{n}, {k}])",
-              f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        if not (t.dtype == torch.int32 and t.dim() == 1 and t.numel() == lengths[name] and t.device == device):
+            fail(name, f"int32 [{lengths[name]}] on {device} (nnzb={nnzb}, blocks {block} over [{n}, {k}])",
+                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 
 def _check_host_meta(R: int, C: int, nnzb: int, **meta) -> None:
@@ -43,25 +43,29 @@ def _check_host_meta(R: int, C: int, nnzb: int, **meta) -> None:
     on a GPU it would sync every call): pointers are the prefix sums of their index lists,
     permutations are permutations, the CSC view is the BSR's (as format.build_metadata)."""
     m = {k: t.long() for k, t in meta.items() if t.device.type == "cpu"}
+
+    def head(t):  # for messages: formatted for bad input only
+        return f"{t.tolist()[:8]}..."
+
     bounds = {"col_idx": C, "block_row": R, "row_idx": R, "t_perm": nnzb, "row_order": R}
     for name, t in m.items():
         if name in bounds and t.numel():
             lo, hi = int(t.min()), int(t.max())
-            check(lo >= 0 and hi < bounds[name], name, f"indices in [0, {bounds[name]})", f"range [{lo}, {hi}]")
+            if not (lo >= 0 and hi < bounds[name]):
+                fail(name, f"indices in [0, {bounds[name]})", f"range [{lo}, {hi}]")
     for name, n in (("t_perm", nnzb), ("row_order", R)):
-        if name in m:
-            check(bool((torch.bincount(m[name], minlength=n) == 1).all()), name, f"a permutation of range({n})",
-                  f"{m[name].tolist()[:8]}...")
+        if name in m and not bool((torch.bincount(m[name], minlength=n) == 1).all()):
+            fail(name, f"a permutation of range({n})", head(m[name]))
     for ptr, idx, n in (("row_ptr", "block_row", R), ("col_ptr", "col_idx", C)):
         if ptr in m:
             p = m[ptr]
             ok = int(p[0]) == 0 and int(p[-1]) == nnzb and bool((p[1:] >= p[:-1]).all())
             if ok and idx in m:
                 ok = torch.equal(p[1:], torch.bincount(m[idx], minlength=n).cumsum(0))
-            check(ok, ptr, f"0, then running counts of {idx} up to nnzb={nnzb}", f"{p.tolist()[:8]}...")
-    if "row_ptr" in m and "block_row" in m:
-        check(bool((m["block_row"][1:] >= m["block_row"][:-1]).all()), "block_row", "non-decreasing (BSR order)",
-              f"{m['block_row'].tolist()[:8]}...")
+            if not ok:
+                fail(ptr, f"0, then running counts of {idx} up to nnzb={nnzb}", head(p))
+    if "row_ptr" in m and "block_row" in m and not bool((m["block_row"][1:] >= m["block_row"][:-1]).all()):
+        fail("block_row", "non-decreasing (BSR order)", head(m["block_row"]))
     if {"t_perm", "row_idx", "block_row", "col_idx"} <= set(m):
         t = m["t_perm"]
         ok = torch.equal(m["row_idx"], m["block_row"][t]) and bool((m["col_idx"][t][1:] >= m["col_idx"][t][:-1]).all())
@@ -70,46 +74,56 @@ def _check_host_meta(R: int, C: int, nnzb: int, **meta) -> None:
 
 def _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features,
                    bias, activation):
-    check(x.dim() == 2, "x", "a 2-D tensor [M, K] (the wrapper flattens leading dims)", f"shape {tuple(x.shape)}")
-    check(x.layout == torch.strided, "x", "a dense (strided) tensor", x.layout)
-    check(values.dim() == 3 and values.dtype.is_floating_point, "values", "a float tensor [nnzb, BN, BK]",
-          f"{values.dtype} {tuple(values.shape)}")
-    check(x.dtype == values.dtype, "x", f"dtype {values.dtype} (the weight's)", x.dtype)
-    check(x.device == values.device, "x", f"device {values.device} (the weight's)", x.device)
-    check(activation in backends.ACTIVATIONS, "activation", f"one of {backends.ACTIVATIONS}", repr(activation))
+    # every forward runs this: conditions first, messages only for bad input
+    if x.dim() != 2:
+        fail("x", "a 2-D tensor [M, K] (the wrapper flattens leading dims)", f"shape {tuple(x.shape)}")
+    if x.layout != torch.strided:
+        fail("x", "a dense (strided) tensor", x.layout)
+    if not (values.dim() == 3 and values.dtype.is_floating_point):
+        fail("values", "a float tensor [nnzb, BN, BK]", f"{values.dtype} {tuple(values.shape)}")
+    if x.dtype != values.dtype:
+        fail("x", f"dtype {values.dtype} (the weight's)", x.dtype)
+    if x.device != values.device:
+        fail("x", f"device {values.device} (the weight's)", x.device)
+    if activation not in backends.ACTIVATIONS:
+        fail("activation", f"one of {backends.ACTIVATIONS}", repr(activation))
     nnzb, bn, bk = values.shape
     R, C = row_ptr.numel() - 1, col_ptr.numel() - 1
-    check((R - 1) * bn < out_features <= R * bn, "out_features", f"in ({(R - 1) * bn}, {R * bn}] (R={R} block-rows)",
-          out_features)
-    check((C - 1) * bk < x.shape[1] <= C * bk, "x", f"({(C - 1) * bk}, {C * bk}] columns (C={C} block-columns)",
-          f"{x.shape[1]} columns")
+    if not (R - 1) * bn < out_features <= R * bn:
+        fail("out_features", f"in ({(R - 1) * bn}, {R * bn}] (R={R} block-rows)", out_features)
+    if not (C - 1) * bk < x.shape[1] <= C * bk:
+        fail("x", f"({(C - 1) * bk}, {C * bk}] columns (C={C} block-columns)", f"{x.shape[1]} columns")
     _check_meta(nnzb, (bn, bk), out_features, x.shape[1], x.device, row_ptr=row_ptr, col_idx=col_idx,
                 block_row=block_row, col_ptr=col_ptr, row_idx=row_idx, t_perm=t_perm, row_order=row_order)
     if bias is not None:
-        check(bias.shape == (out_features,), "bias", f"shape ({out_features},)", f"shape {tuple(bias.shape)}")
-        check(bias.dtype == x.dtype and bias.device == x.device, "bias", f"{x.dtype} on {x.device}",
-              f"{bias.dtype} on {bias.device}")
+        if bias.shape != (out_features,):
+            fail("bias", f"shape ({out_features},)", f"shape {tuple(bias.shape)}")
+        if not (bias.dtype == x.dtype and bias.device == x.device):
+            fail("bias", f"{x.dtype} on {x.device}", f"{bias.dtype} on {bias.device}")
 
 
 def _check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
-    check(dy.dim() == 2, "dy", "a 2-D tensor [M, N]", f"shape {tuple(dy.shape)}")
-    check(values.dim() == 3 and values.dtype.is_floating_point, "values", "a float tensor [nnzb, BN, BK]",
-          f"{values.dtype} {tuple(values.shape)}")
-    check(dy.dtype == values.dtype and dy.device == values.device, "dy", f"{values.dtype} on {values.device}",
-          f"{dy.dtype} on {dy.device}")
-    check(in_features > 0, "in_features", "a positive int", in_features)
+    if dy.dim() != 2:
+        fail("dy", "a 2-D tensor [M, N]", f"shape {tuple(dy.shape)}")
+    if not (values.dim() == 3 and values.dtype.is_floating_point):
+        fail("values", "a float tensor [nnzb, BN, BK]", f"{values.dtype} {tuple(values.shape)}")
+    if not (dy.dtype == values.dtype and dy.device == values.device):
+        fail("dy", f"{values.dtype} on {values.device}", f"{dy.dtype} on {dy.device}")
+    if in_features <= 0:
+        fail("in_features", "a positive int", in_features)
     nnzb, bn, bk = values.shape
     _check_meta(nnzb, (bn, bk), dy.shape[1], in_features, dy.device, col_ptr=col_ptr, row_idx=row_idx, t_perm=t_perm)
 
 
 def _check_grad_weight(dy, x, block_row, col_idx, block_n, block_k):
-    check(dy.dim() == 2 and x.dim() == 2 and dy.shape[0] == x.shape[0], "dy, x", "2-D [M, N] and [M, K] (same M)",
-          f"shapes {tuple(dy.shape)}, {tuple(x.shape)}")
-    check(dy.dtype.is_floating_point, "dy", "a floating dtype", dy.dtype)
-    check(x.dtype == dy.dtype and x.device == dy.device, "x", f"{dy.dtype} on {dy.device} (as dy)",
-          f"{x.dtype} on {x.device}")
-    check(block_n in BLOCK_SIDES and block_k in BLOCK_SIDES, "block_n, block_k", f"sides in {BLOCK_SIDES}",
-          (block_n, block_k))
+    if not (dy.dim() == 2 and x.dim() == 2 and dy.shape[0] == x.shape[0]):
+        fail("dy, x", "2-D [M, N] and [M, K] (same M)", f"shapes {tuple(dy.shape)}, {tuple(x.shape)}")
+    if not dy.dtype.is_floating_point:
+        fail("dy", "a floating dtype", dy.dtype)
+    if not (x.dtype == dy.dtype and x.device == dy.device):
+        fail("x", f"{dy.dtype} on {dy.device} (as dy)", f"{x.dtype} on {x.device}")
+    if not (block_n in BLOCK_SIDES and block_k in BLOCK_SIDES):
+        fail("block_n, block_k", f"sides in {BLOCK_SIDES}", (block_n, block_k))
     _check_meta(col_idx.numel(), (block_n, block_k), dy.shape[1], x.shape[1], dy.device, block_row=block_row,
                 col_idx=col_idx)
 
@@ -259,9 +273,10 @@ def _check_no_func_autodiff():
 def bsr_linear_tensors(x: Tensor, values: Tensor, meta: dict, out_features: int, bias: Optional[Tensor] = None,
                        activation: str = "none", backend: str = "auto") -> Tensor:
     """``y [..., N] = act(x [..., K] @ W^T + bias)`` from raw tensors (``meta`` as in format)."""
-    check(isinstance(x, Tensor) and x.layout == torch.strided, "x", "a dense torch.Tensor",
-          getattr(x, "layout", type(x).__name__))
-    check(x.dim() >= 1, "x", "at least 1-D [..., K]", f"shape {tuple(x.shape)}")
+    if not (isinstance(x, Tensor) and x.layout == torch.strided):
+        fail("x", "a dense torch.Tensor", getattr(x, "layout", type(x).__name__))
+    if x.dim() < 1:
+        fail("x", "at least 1-D [..., K]", f"shape {tuple(x.shape)}")
     _check_no_func_autodiff()
     lead = x.shape[:-1]
     y = torch.ops.sparsecore.bsr_linear(

@@ -28,6 +28,8 @@ TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_configs.json")
 M_BUCKETS = (1, 16, 64, 256, 1024, 4096)  # an M belongs to the largest bucket <= M
 DECODE_MAX_M = 64
 _SMS = {90: 132, 80: 108}  # SMs of H100 SXM / A100, for shape rules that need a GPU size
+# shared memory a program may use (KiB): sm_80 / 87 163, sm_90 / 100 227, others (86, 89, 120) 99
+_SMEM_KIB = {80: 163, 87: 163, 90: 227, 100: 227}
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -78,11 +80,18 @@ def heuristic(kernel, arch, dtype, block, M, N, K) -> dict:
         # 128-row tiles unless that leaves fewer than two programs per SM (small M)
         BM = 128 if -(-M // 128) * tiles_out >= 2 * _SMS.get(arch, 132) else 64
         G = max(1, kstep // red)
-        tile = BM * out
-        warps = 8 if tile >= 128 * 128 else 4
-        step_bytes = (BM + out) * G * red * (4 if wide else 2)
         budget = (160 if arch >= 90 else 96) * 1024  # leave room for the epilogue's layout swap
-        stages = max(2, min(4, budget // max(1, step_bytes)))
+        limit = (_SMEM_KIB.get(arch, 99) - 1) * 1024  # the hard cap (1 KiB for barriers)
+
+        def step_bytes(bm):  # one pipeline stage: the x tile and the W^T tile
+            return (bm + out) * G * red * (4 if wide else 2)
+
+        while BM > 32 and 2 * step_bytes(BM) > limit:  # e.g. fp32 128x128: two 128-row stages need 256 KiB
+            BM //= 2
+        warps = 8 if BM * out >= 128 * 128 else 4
+        per_stage = step_bytes(BM)
+        stages = max(2, min(4, budget // per_stage))       # the budget's depth, at least double-buffered
+        stages = max(1, min(stages, limit // per_stage))   # never past the hard cap
         return {"BM": BM, "G": G, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
     if kernel == "decode":
         BM = min(DECODE_MAX_M, max(16, next_pow2(M)))

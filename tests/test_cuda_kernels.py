@@ -205,6 +205,8 @@ def test_decode_by_rows_shape_classes(split, M, block, dtype):
         plan = _decode_plan(M, W)
         if split > 1 and plan == 0:
             pytest.skip("no thread block clusters here")
+        if density > 0 and 1 < plan < split:  # the device caps clusters below 8 (MIG slice, MPS share)
+            pytest.skip(f"clusters of {split} CTAs do not fit here (at most {plan})")
         assert plan == (1 if density == 0 else split)  # no units: nothing to split
         _check(x, W, b, act, kernel="decode")
 

@@ -18,6 +18,8 @@ def _info(args) -> int:
     for name in backends.NAMES:
         ok, why = backends.module(name).available()
         print(f"backend {name:7s} {'available' if ok else 'unavailable: ' + why}")
+    if backends.module("cuda")._load() is None:  # built: say for which kernels (without a GPU too)
+        print(f"sparsecore._C   built; sm_90a wgmma kernel: {'yes' if torch.ops.sparsecore.cuda_has_sm90a() else 'no'}")
     return 0
 
 

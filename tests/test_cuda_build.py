@@ -124,6 +124,15 @@ def test_extension_loads_and_registers_ops():
     assert ok == torch.cuda.is_available(), why
 
 
+@needs_build
+def test_info_reports_the_build(capsys):
+    from sparsecore.cli import main
+
+    assert main(["info"]) == 0
+    want = "yes" if "90a" in _archs() else "no"
+    assert f"sparsecore._C   built; sm_90a wgmma kernel: {want}" in capsys.readouterr().out
+
+
 def _meta_args(M=5, K=100, N=120, block=(32, 32), nnzb=3, dtype=torch.float16):
     R = -(-N // block[0])
     i32 = lambda n: torch.empty(n, dtype=torch.int32, device="meta")

@@ -13,7 +13,8 @@
 #
 # Env: OUT, DEVICE_BUDGET_S, BENCH_ARGS (default --quick), MAX_JOBS (16), CUDA_HOME (from nvcc),
 # PYTHON (python3), SPARSECORE_COMMIT (default: git rev-parse, for copies without .git).
-# Files written to $OUT (at most 8): bench.csv, bench.png, table.txt, summary.txt, logs.tar.gz.
+# Files written to $OUT (at most 8): bench.csv, bench.png, table.txt, overhead.csv, summary.txt,
+# logs.tar.gz.
 # The whole script stays under DEVICE_BUDGET_S seconds (default 560): every stage runs under
 # `timeout`, capped by what is left. Exit status: nonzero if any stage failed — a wrong
 # benchmark result, a failed GPU test, a sanitizer error or a failed install.
@@ -114,6 +115,9 @@ stage gpu-cuda 50 "$LOGS/pytest_gpu_cuda.log" env SPARSECORE_TEST_KERNELS=sm80,d
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 stage bench 200 "$LOGS/bench.log" "$PY" -m sparsecore.cli bench ${BENCH_ARGS:---quick} --out "$OUT"
 grep -E "WRONG RESULT|ERROR provider|FAILED|skipped" "$LOGS/bench.log" | head -n 30
+
+# eager per-call cost beside nn.Linear (launch-bound, as eager decode is)
+stage overhead 30 "$LOGS/overhead.log" "$PY" bench/overhead.py --out "$OUT/overhead.csv"
 
 # 4. the other GPU tests (Triton kernels JIT-compile: spread over 4 workers)
 stage gpu-tests 80 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 \

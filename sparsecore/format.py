@@ -252,8 +252,16 @@ class BlockSparseWeight:
         check(grid_shape(shape, block) == (R, C), "shape", f"a shape that {(R, C)} blocks of {block} pad",
               repr(shape))
         check(t.dtype in FLOAT_DTYPES, "t", f"a floating dtype {FLOAT_DTYPES}", t.dtype)
+        check(not t.is_meta, "t", "a tensor with data (its indices define the blocks)", "a meta tensor")
         check(bool(torch.isfinite(t.values()).all()), "t", "finite values (no NaN/Inf)", "non-finite entries")
         crow, col = t.crow_indices().long(), t.col_indices().long()
+        # a tensor built with check_invariants=False may hold anything: check what we index with
+        nnz = t.values().shape[0]
+        check(crow.numel() == R + 1 and int(crow[0]) == 0 and int(crow[-1]) == nnz == col.numel()
+              and bool((crow.diff() >= 0).all()), "t.crow_indices()",
+              f"{R + 1} non-decreasing offsets from 0 to nnz={nnz} (one per block-row)", f"{crow.tolist()[:8]}... with {col.numel()} column indices")
+        check(nnz == 0 or (int(col.min()) >= 0 and int(col.max()) < C), "t.col_indices()",
+              f"block columns in [0, {C})", f"range [{int(col.min())}, {int(col.max())}]" if nnz else "empty")
         rows = torch.repeat_interleave(torch.arange(R, device=crow.device), crow.diff())
         mask = torch.zeros(R, C, dtype=torch.bool, device=crow.device)
         mask[rows, col] = True

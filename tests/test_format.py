@@ -130,3 +130,22 @@ def test_from_sparse_bsr_unsorted_padding_and_errors():
             sc.BlockSparseWeight.from_sparse_bsr(bad)
     with pytest.raises(sc.SparseCoreError, match="shape"):
         sc.BlockSparseWeight.from_sparse_bsr(t, shape=(40, 30))
+
+
+@pytest.mark.parametrize("crow,col,nvals,arg", [
+    ([0, 2, 1], [0, 1], 2, "crow_indices"),   # offsets go down
+    ([1, 1, 2], [0, 1], 2, "crow_indices"),   # not from 0 (was read as blocks (1, 0), (1, 1))
+    ([0, 1, 3], [0, 1], 2, "crow_indices"),   # past nnz
+    ([0, 2], [0, 1], 2, "crow_indices"),      # one block-row short
+    ([0, 1, 2], [0, 1], 3, "crow_indices"),   # a value block no index points at
+    ([0, 1, 2], [0, 2], 2, "col_indices"),    # column past the grid
+    ([0, 1, 2], [0, -1], 2, "col_indices"),   # negative (was wrapped to the last column)
+])
+def test_from_sparse_bsr_rejects_inconsistent_indices(crow, col, nvals, arg):
+    """check_invariants=False lets torch build any BSR: ours must not index with it blindly."""
+    t = torch.sparse_bsr_tensor(torch.tensor(crow), torch.tensor(col), torch.randn(nvals, 16, 16), size=(32, 32),
+                                check_invariants=False)
+    with pytest.raises(sc.SparseCoreError, match=arg):
+        sc.BlockSparseWeight.from_sparse_bsr(t)
+    with pytest.raises(sc.SparseCoreError, match="meta"):
+        sc.BlockSparseWeight.from_sparse_bsr(torch.randn(32, 32).to_sparse_bsr((16, 16)).to("meta"))

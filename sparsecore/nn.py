@@ -93,10 +93,11 @@ class SparseLinear(nn.Module):
             weight = BlockSparseWeight.from_sparse_bsr(weight)
         check(isinstance(weight, BlockSparseWeight), "weight", "a BlockSparseWeight or a sparse_bsr tensor",
               type(weight).__name__)
+        check(not weight.values.is_meta, "weight", "one with data (its blocks define the layer)", "a meta tensor")
         out_features, in_features = weight.shape
-        check(bias is None or isinstance(bias, torch.Tensor) and tuple(bias.shape) == (out_features,), "bias",
-              f"None or a tensor of shape ({out_features},)", type(bias).__name__
-              if not isinstance(bias, torch.Tensor) else f"shape {tuple(bias.shape)}")
+        check(bias is None or isinstance(bias, torch.Tensor) and tuple(bias.shape) == (out_features,)
+              and not bias.is_meta, "bias", f"None or a tensor of shape ({out_features},) with data",
+              type(bias).__name__ if not isinstance(bias, torch.Tensor) else f"shape {tuple(bias.shape)} on {bias.device}")
         lin = cls(in_features, out_features, bias is not None, block=weight.block, mask=weight.block_mask(),
                   backend=backend, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
@@ -151,8 +152,9 @@ class SparseLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the dense weight (zeros where pruned) and bias, copied, on this
         layer's device and dtype, in its training mode and ``requires_grad``."""
-        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.values.device,
-                        dtype=self.values.dtype)
+        # skip_init: no random init of a weight overwritten below (nor a draw from the global RNG)
+        lin = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, self.bias is not None,
+                                 device=self.values.device, dtype=self.values.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.dense_weight())
             if self.bias is not None:

@@ -84,9 +84,11 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float | None = None, me
     check(method in prune.METHODS + ("nonzero",), "method", f"one of {prune.METHODS + ('nonzero',)}", repr(method))
     block = normalize_block(block)
     if method == "nonzero":
-        check(sparsity is None and calibration is None and not reconstruct and not balanced and not method_kwargs,
-              "method", "'nonzero' alone (the weights' zero blocks decide: no sparsity, calibration, reconstruct, "
-              "balanced or pruner options)", f"sparsity={sparsity!r}, options {sorted(method_kwargs)}")
+        given = [name for name, v in (("sparsity", sparsity is not None), ("calibration", calibration is not None),
+                                      ("reconstruct", reconstruct), ("balanced", balanced)) if v]
+        given += sorted(method_kwargs)
+        check(not given, "method", "'nonzero' alone (the weights' zero blocks decide: no sparsity, calibration, "
+              "reconstruct, balanced or pruner options)", f"'nonzero' with {', '.join(given)}")
     else:
         sparsity = prune.check_sparsity(0.5 if sparsity is None else sparsity)
     targets = target_linears(model, filter_fn)

@@ -347,3 +347,27 @@ def test_densify_restores_plain_linears():
     assert twice[0] is twice.again and type(twice.again) is nn.Linear
     with pytest.raises(sc.SparseCoreError, match="to_linear"):
         sc.densify(sc.SparseLinear(32, 32, block=16))
+
+
+def test_from_sparse_meta_and_to_linear_leaves_the_rng_alone():
+    """from_sparse needs data (the blocks define the layer); to_linear draws no random init."""
+    w = torch.randn(40, 70)
+    W = sc.BlockSparseWeight.from_dense(w, torch.rand(3, 5) < 0.5, 16)
+    with pytest.raises(sc.SparseCoreError, match="weight"):
+        sc.SparseLinear.from_sparse(W.to("meta"))
+    with pytest.raises(sc.SparseCoreError, match="bias"):
+        sc.SparseLinear.from_sparse(W, torch.zeros(40, device="meta"))
+    sl = sc.SparseLinear.from_sparse(W.to(torch.float64), torch.randn(40, dtype=torch.float64))
+    state = torch.get_rng_state()
+    lin = sl.to_linear()
+    assert torch.equal(torch.get_rng_state(), state)  # densify must not change what the model draws next
+    x = torch.randn(3, 70, dtype=torch.float64)
+    assert_close(lin(x), oracle(x, W.to_dense(), sl.bias), torch.float64)
+
+
+@pytest.mark.parametrize("kwargs,named", [({"sparsity": 0.5}, "sparsity"), ({"reconstruct": True}, "reconstruct"),
+                                          ({"calibration": [torch.randn(2, 32)]}, "calibration"),
+                                          ({"balanced": True}, "balanced"), ({"score": "l1"}, "score")])
+def test_sparsify_nonzero_error_names_the_extra_option(kwargs, named):
+    with pytest.raises(sc.SparseCoreError, match=f"got 'nonzero' with {named}"):
+        sc.sparsify(nn.Sequential(nn.Linear(32, 32)), block=16, method="nonzero", **kwargs)

@@ -201,25 +201,62 @@ def _calibration(tokenizer, path, samples: int, device) -> list[dict]:
     check(tokenizer is not None, "--calibration", "a source folder with a tokenizer (to tokenize the text)",
           "no tokenizer")
     path = path or str(DATA / "calibration.txt")
-    check(os.path.isfile(path), "--calibration", "a text file, one sample per line", repr(path))
-    with open(path, encoding="utf-8") as f:
-        texts = [s for s in f.read().splitlines() if s.strip()][:samples]
+    check(os.path.exists(path) and not os.path.isdir(path), "--calibration", "a text file, one sample per line",
+          repr(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            texts = [s for s in f.read().splitlines() if s.strip()][:samples]
+    except UnicodeDecodeError as e:
+        raise SparseCoreError(f"--calibration: expected UTF-8 text, got {repr(path)} ({e.reason} at byte "
+                              f"{e.start})") from None
     check(len(texts) > 0, "--calibration", "a file with at least one non-empty line", repr(path))
     if tokenizer.pad_token is None:  # decoder-only tokenizers: pad with EOS (masked anyway)
         tokenizer.pad_token = tokenizer.eos_token
     return batches(tokenizer, texts, 16, device)
 
 
-def _cli_sparsify(args) -> int:
+def _device(name: str):
+    """``--device``: auto, or a device of a kind torch has here (cpu, cuda, cuda:N, ...)."""
     import torch
 
-    from .format import normalize_block
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    kind = getattr(torch, dev.type, None) if dev is not None and dev.type != "cpu" else None
+    ok = dev is not None and (dev.type == "cpu" or (callable(getattr(kind, "is_available", None)) and
+                                                    kind.is_available() and (dev.index or 0) < kind.device_count()))
+    check(ok, "--device", "auto, cpu, or an available accelerator (cuda, cuda:N)", f"{name!r} (none such here)")
+    return dev
+
+
+def _check_args(args) -> tuple[int, int]:
+    """Validate the flags before the (slow) model load; returns the block."""
+    from .format import BLOCK_SIDES
 
     parts = args.block.lower().split("x")
-    check(len(parts) <= 2 and all(p.isdigit() for p in parts), "--block", "a side or BNxBK, e.g. 32 or 64x32",
-          repr(args.block))
-    block = normalize_block(tuple(int(p) for p in parts) if len(parts) == 2 else int(parts[0]))
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    ok = len(parts) <= 2 and all(p.isdigit() and int(p) in BLOCK_SIDES for p in parts)
+    check(ok, "--block", f"a side or BNxBK with sides in {BLOCK_SIDES}, e.g. 32 or 64x32", repr(args.block))
+    if args.method == "nonzero":
+        check(args.sparsity is None, "--sparsity", "none with --method nonzero (the weights' zero blocks decide)",
+              args.sparsity)
+        check(not args.reconstruct, "--reconstruct", "not with --method nonzero (it changes no value)", "the flag")
+    elif args.sparsity is not None:
+        check(0.0 <= args.sparsity <= 1.0, "--sparsity", "a fraction of blocks in [0, 1]", args.sparsity)
+    check(args.samples > 0, "--samples", "a positive number of calibration lines", args.samples)
+    check(not os.path.isfile(args.out), "out", "a folder (new or existing)", f"the file {args.out!r}")
+    stale = [n for n in (DENSE_WEIGHTS_NAME, DENSE_WEIGHTS_NAME + ".index.json", "pytorch_model.bin")
+             if os.path.exists(os.path.join(args.out, n))]
+    check(not stale, "out", "a folder without dense weights (the source's would be overwritten, or read by stock "
+          "loaders instead of ours)", f"{args.out!r} holding {stale[0] if stale else ''}")
+    return tuple(int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+
+
+def _cli_sparsify(args) -> int:
+    block = _check_args(args)
+    device = _device(args.device)
     model, tokenizer = _load_source(args.src)
     model.to(device)
     needs_data = args.method == "wanda" or args.reconstruct
@@ -230,6 +267,9 @@ def _cli_sparsify(args) -> int:
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
     cfg = model.config.sparsity_config
+    if not cfg["targets"]:
+        log.warning("sparsify: no Linear layer became block-sparse (with --method nonzero: no weight has an all-zero "
+                    "%dx%d block)", *block)
     print(f"sparsecore sparsify: {len(cfg['targets'])} Linear layers block-sparse ({block[0]}x{block[1]}), "
           f"{1 - cfg['global_sparsity']:.1%} of their weights kept -> {args.out} "
           f"(load: sparsecore.hf.from_pretrained({type(model).__name__}, {args.out!r}))")

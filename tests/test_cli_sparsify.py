@@ -84,3 +84,64 @@ def test_wanda_with_tokenizer_and_builtin_calibration(tmp_path):
     assert len(scio.sparse_layers(loaded)) == 6 * 6  # q k v o, intermediate, output per layer
     ids = torch.randint(1000, 2000, (2, 11), generator=torch.Generator().manual_seed(0))
     assert rel_err(hidden(loaded, ids), hidden(masked_dense(dense, loaded), ids)) < 1e-5
+
+
+def _word_tokenizer(src):
+    """A word-level tokenizer over the tiny Llama's 97 ids, saved next to the model (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "</s>"] + [f"w{i}" for i in range(94)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+                            model_max_length=32).save_pretrained(src)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--device", "foo"], "--device"),          # was a RuntimeError traceback after loading the model
+    (["--device", "cuda:99"], "--device"),
+    (["--sparsity", "1.5"], "--sparsity"),
+    (["--sparsity", "nan"], "--sparsity"),
+    (["--samples", "-1", "--reconstruct"], "--samples"),  # was: every line but the last, silently
+    (["--samples", "0", "--reconstruct"], "--samples"),
+    (["--block", "16x8"], "--block"),
+    (["--method", "nonzero", "--reconstruct"], "--reconstruct"),
+    (["OUT=SRC"], "out"),                       # was: the source's config.json overwritten, rc 0
+    (["OUT=FILE"], "out"),
+])
+def test_bad_flags_exit_2_before_loading(tmp_path, capsys, monkeypatch, argv, flag):
+    _, src = _source(tmp_path)
+    out = {"OUT=SRC": src, "OUT=FILE": os.path.join(src, "config.json")}.get(argv[0], str(tmp_path / "out"))
+    argv = [a for a in argv if not a.startswith("OUT=")]
+    before = open(os.path.join(src, "config.json")).read()
+    monkeypatch.setattr(schf, "_load_source", lambda *a: pytest.fail("flags are checked before the model loads"))
+    capsys.readouterr()
+    assert main(["sparsify", src, out, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sparsecore sparsify: error: {flag}:"), err
+    assert open(os.path.join(src, "config.json")).read() == before
+
+
+def test_calibration_text_from_a_pipe_and_not_utf8(tmp_path, capsys):
+    """--calibration <(...) (a FIFO, not a regular file) works; undecodable bytes exit 2."""
+    import threading
+
+    model, src = _source(tmp_path)
+    _word_tokenizer(src)
+    fifo, out = str(tmp_path / "fifo"), str(tmp_path / "out")
+    os.mkfifo(fifo)
+    text = "w1 w2 w3 w4\nw5 w6 w7\n\nw8 w9 w10 w11 w12\n"
+    writer = threading.Thread(target=(tmp_path / "fifo").write_text, args=(text,), daemon=True)  # until read
+    writer.start()
+    assert main(["sparsify", src, out, "--block", "16", "--sparsity", "0.5", "--method", "wanda",
+                 "--calibration", fifo]) == 0
+    writer.join()
+    loaded = schf.from_pretrained(LlamaForCausalLM, out)
+    assert len(scio.sparse_layers(loaded)) == 7 * 2
+    assert rel_err(hidden(loaded), hidden(masked_dense(model, loaded))) < 1e-10
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"w1 w2\n\xff\xfe w3\n")
+    capsys.readouterr()
+    assert main(["sparsify", src, str(tmp_path / "out2"), "--method", "wanda", "--calibration", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("sparsecore sparsify: error: --calibration:")

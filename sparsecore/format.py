@@ -259,7 +259,8 @@ class BlockSparseWeight:
         nnz = t.values().shape[0]
         check(crow.numel() == R + 1 and int(crow[0]) == 0 and int(crow[-1]) == nnz == col.numel()
               and bool((crow.diff() >= 0).all()), "t.crow_indices()",
-              f"{R + 1} non-decreasing offsets from 0 to nnz={nnz} (one per block-row)", f"{crow.tolist()[:8]}... with {col.numel()} column indices")
+              f"{R + 1} non-decreasing offsets from 0 to nnz={nnz} (one per block-row)",
+              f"{crow.tolist()[:8]}... with {col.numel()} column indices")
         check(nnz == 0 or (int(col.min()) >= 0 and int(col.max()) < C), "t.col_indices()",
               f"block columns in [0, {C})", f"range [{int(col.min())}, {int(col.max())}]" if nnz else "empty")
         rows = torch.repeat_interleave(torch.arange(R, device=crow.device), crow.diff())

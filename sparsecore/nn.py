@@ -97,7 +97,8 @@ class SparseLinear(nn.Module):
         out_features, in_features = weight.shape
         check(bias is None or isinstance(bias, torch.Tensor) and tuple(bias.shape) == (out_features,)
               and not bias.is_meta, "bias", f"None or a tensor of shape ({out_features},) with data",
-              type(bias).__name__ if not isinstance(bias, torch.Tensor) else f"shape {tuple(bias.shape)} on {bias.device}")
+              type(bias).__name__ if not isinstance(bias, torch.Tensor)
+              else f"shape {tuple(bias.shape)} on {bias.device}")
         lin = cls(in_features, out_features, bias is not None, block=weight.block, mask=weight.block_mask(),
                   backend=backend, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():

@@ -99,12 +99,14 @@ class SparseLinear(nn.Module):
               and not bias.is_meta, "bias", f"None or a tensor of shape ({out_features},) with data",
               type(bias).__name__ if not isinstance(bias, torch.Tensor)
               else f"shape {tuple(bias.shape)} on {bias.device}")
-        lin = cls(in_features, out_features, bias is not None, block=weight.block, mask=weight.block_mask(),
-                  backend=backend, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            lin.values.copy_(weight.values)
-            if bias is not None:
-                lin.bias.copy_(bias.detach())
+        mask = weight.block_mask()
+        # shapes on the meta device (no random init to overwrite, no draw from the global RNG), then the data
+        lin = cls(in_features, out_features, bias is not None, block=weight.block, mask=mask, backend=backend,
+                  device="meta", dtype=weight.dtype)
+        lin._set_structure(mask.mask, weight.device)
+        lin.values = nn.Parameter(weight.values.detach().clone(memory_format=torch.contiguous_format))
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().to(weight.values).clone(memory_format=torch.contiguous_format))
         return lin
 
     # -- mask and metadata -----------------------------------------------------------------

@@ -371,3 +371,20 @@ def test_from_sparse_meta_and_to_linear_leaves_the_rng_alone():
 def test_sparsify_nonzero_error_names_the_extra_option(kwargs, named):
     with pytest.raises(sc.SparseCoreError, match=f"got 'nonzero' with {named}"):
         sc.sparsify(nn.Sequential(nn.Linear(32, 32)), block=16, method="nonzero", **kwargs)
+
+
+def test_conversions_leave_the_rng_alone():
+    """from_dense / from_sparse / sparsify draw no throwaway init (was: uniform_ over every kept
+    block, then overwritten): the global RNG, hence dropout and sampling after, is as for dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(70, 40), nn.ReLU(), nn.Linear(40, 33)).double()
+    x = torch.randn(3, 70, dtype=torch.float64)
+    dense = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in (model[0], model[2])]
+    state = torch.get_rng_state()
+    sc.sparsify(model, block=16, sparsity=0.5)
+    sc.SparseLinear.from_sparse(model[0].sparse_weight, model[0].bias)
+    assert torch.equal(torch.get_rng_state(), state)
+    (w0, b0), (w2, b2) = dense
+    h = torch.relu(oracle(x, w0 * model[0].block_mask().to_dense(), b0))
+    assert_close(model(x), oracle(h, w2 * model[2].block_mask().to_dense(), b2), torch.float64)
+    assert model[0].values.is_contiguous() and model[0].values.requires_grad and model[0].values.is_leaf

@@ -181,12 +181,16 @@ def _load_source(src: str):
 
     check(os.path.isfile(os.path.join(src, "config.json")), "src", "a transformers model folder with config.json",
           repr(src))
-    config = AutoConfig.from_pretrained(src, local_files_only=True)
-    name = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, name, None) if name else None
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    model = (cls or AutoModel).from_pretrained(src, local_files_only=True, **{dtype_kw: "auto"}).eval()
+    try:
+        config = AutoConfig.from_pretrained(src, local_files_only=True)
+        name = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, name, None) if name else None
+        model = (cls or AutoModel).from_pretrained(src, local_files_only=True, **{dtype_kw: "auto"}).eval()
+    except (OSError, ValueError) as e:  # bad JSON, unknown model_type, no weights: transformers' own words
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SparseCoreError(f"src: expected a folder transformers can load, got {src!r} ({reason})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:  # a folder of weights only
@@ -268,8 +272,8 @@ def _cli_sparsify(args) -> int:
         tokenizer.save_pretrained(args.out)
     cfg = model.config.sparsity_config
     if not cfg["targets"]:
-        log.warning("sparsify: no Linear layer became block-sparse (with --method nonzero: no weight has an all-zero "
-                    "%dx%d block)", *block)
+        log.warning("sparsify: no Linear layer became block-sparse%s", " (no weight has an all-zero %dx%d block)"
+                    % block if args.method == "nonzero" else "")
     print(f"sparsecore sparsify: {len(cfg['targets'])} Linear layers block-sparse ({block[0]}x{block[1]}), "
           f"{1 - cfg['global_sparsity']:.1%} of their weights kept -> {args.out} "
           f"(load: sparsecore.hf.from_pretrained({type(model).__name__}, {args.out!r}))")

@@ -145,3 +145,18 @@ def test_calibration_text_from_a_pipe_and_not_utf8(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sparsify", src, str(tmp_path / "out2"), "--method", "wanda", "--calibration", str(bad)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("sparsecore sparsify: error: --calibration:")
+
+
+@pytest.mark.parametrize("config", ['{"model_type": "no_such_arch"}', "{not json", None])
+def test_unloadable_source_exits_2(tmp_path, capsys, config):
+    """Unknown model_type was a ValueError traceback; bad JSON / no weights now name src too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    if config is None:  # a valid config, no weights
+        llama().config.save_pretrained(src)
+    else:
+        (src / "config.json").write_text(config)
+    capsys.readouterr()
+    assert main(["sparsify", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sparsecore sparsify: error: src: expected a folder transformers can load"), err

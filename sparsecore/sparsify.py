@@ -6,6 +6,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
 
 from . import backends, prune
 from .errors import check
@@ -91,6 +92,10 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float | None = None, me
               "reconstruct, balanced or pruner options)", f"'nonzero' with {', '.join(given)}")
     else:
         sparsity = prune.check_sparsity(0.5 if sparsity is None else sparsity)
+    for m in model.modules():  # torch.nn.utils.prune: `weight` as the next forward computes it (stale after a step)
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, BasePruningMethod):
+                hook(m, ())
     targets = target_linears(model, filter_fn)
     if not targets:
         log.warning("sparsify: no nn.Linear layer selected in %s: nothing to do", type(model).__name__)

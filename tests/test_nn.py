@@ -388,3 +388,30 @@ def test_conversions_leave_the_rng_alone():
     h = torch.relu(oracle(x, w0 * model[0].block_mask().to_dense(), b0))
     assert_close(model(x), oracle(h, w2 * model[2].block_mask().to_dense(), b2), torch.float64)
     assert model[0].values.is_contiguous() and model[0].values.requires_grad and model[0].values.is_leaf
+
+
+@pytest.mark.parametrize("method", ["nonzero", "magnitude"])
+def test_sparsify_torch_pruned_model_after_an_optimizer_step(method):
+    """torch.nn.utils.prune recomputes `weight` (weight_orig * weight_mask) in a pre-forward hook,
+    so after optimizer.step() the attribute is one step stale: sparsify must use the current one."""
+    import torch.nn.utils.prune as tprune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8)).double()
+    elem = torch.ones(48, 64, dtype=torch.float64)
+    elem[:16, :32] = 0
+    elem[32:, 48:] = 0
+    tprune.custom_from_mask(model[0], "weight", elem)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(16, 64, dtype=torch.float64)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    w0 = (model[0].weight_orig * elem).detach()
+    w2, b0, b2 = model[2].weight.detach().clone(), model[0].bias.detach().clone(), model[2].bias.detach().clone()
+    sc.sparsify(model, block=16, method=method, **({"sparsity": 3 / 12} if method == "magnitude" else {}),
+                filter_fn=lambda m, fqn: fqn == "0")
+    assert isinstance(model[0], sc.SparseLinear)
+    if method == "nonzero":
+        assert int((~model[0].mask).sum()) == 3 and torch.equal(model[0].dense_weight(), w0)
+    kept = w0 * model[0].block_mask().to_dense()
+    assert_close(model(x), oracle(torch.relu(oracle(x, kept, b0)), w2, b2), torch.float64)

@@ -250,6 +250,8 @@ def _check_args(args) -> tuple[int, int]:
     elif args.sparsity is not None:
         check(0.0 <= args.sparsity <= 1.0, "--sparsity", "a fraction of blocks in [0, 1]", args.sparsity)
     check(args.samples > 0, "--samples", "a positive number of calibration lines", args.samples)
+    check(args.calibration is None or args.method == "wanda" or args.reconstruct, "--calibration",
+          "a file only with --method wanda or --reconstruct (nothing else reads it)", repr(args.calibration))
     check(not os.path.isfile(args.out), "out", "a folder (new or existing)", f"the file {args.out!r}")
     stale = [n for n in (DENSE_WEIGHTS_NAME, DENSE_WEIGHTS_NAME + ".index.json", "pytorch_model.bin")
              if os.path.exists(os.path.join(args.out, n))]

@@ -107,6 +107,7 @@ def _word_tokenizer(src):
     (["--samples", "0", "--reconstruct"], "--samples"),
     (["--block", "16x8"], "--block"),
     (["--method", "nonzero", "--reconstruct"], "--reconstruct"),
+    (["--calibration", "text.txt"], "--calibration"),  # was ignored by magnitude without --reconstruct
     (["OUT=SRC"], "out"),                       # was: the source's config.json overwritten, rc 0
     (["OUT=FILE"], "out"),
 ])

@@ -216,6 +216,8 @@ def _calibration(tokenizer, path, samples: int, device) -> list[dict]:
     check(len(texts) > 0, "--calibration", "a file with at least one non-empty line", repr(path))
     if tokenizer.pad_token is None:  # decoder-only tokenizers: pad with EOS (masked anyway)
         tokenizer.pad_token = tokenizer.eos_token
+    check(tokenizer.pad_token is not None, "src", "a tokenizer with a pad or EOS token (to batch the calibration "
+          "text)", "one with neither")
     return batches(tokenizer, texts, 16, device)
 
 

@@ -86,16 +86,17 @@ def test_wanda_with_tokenizer_and_builtin_calibration(tmp_path):
     assert rel_err(hidden(loaded, ids), hidden(masked_dense(dense, loaded), ids)) < 1e-5
 
 
-def _word_tokenizer(src):
-    """A word-level tokenizer over the tiny Llama's 97 ids, saved next to the model (offline)."""
+def _word_tokenizer(src, special=True):
+    """A word-level tokenizer over the tiny Llama's 97 ids, saved next to the model (offline);
+    ``special=False``: no pad or EOS token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "</s>"] + [f"w{i}" for i in range(94)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
-                            model_max_length=32).save_pretrained(src)
+    kw = {"pad_token": "<pad>", "eos_token": "</s>"} if special else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", model_max_length=32, **kw).save_pretrained(src)
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -161,3 +162,13 @@ def test_unloadable_source_exits_2(tmp_path, capsys, config):
     assert main(["sparsify", str(src), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("sparsecore sparsify: error: src: expected a folder transformers can load"), err
+
+
+def test_tokenizer_without_pad_or_eos_exits_2(tmp_path, capsys):
+    """transformers' ValueError ("Asking to pad but the tokenizer does not have a padding token") was a traceback."""
+    _, src = _source(tmp_path)
+    _word_tokenizer(src, special=False)
+    capsys.readouterr()
+    assert main(["sparsify", src, str(tmp_path / "out"), "--method", "wanda", "--samples", "4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("sparsecore sparsify: error: src: expected a "
+                                                                        "tokenizer with a pad or EOS token")

@@ -60,6 +60,14 @@ class SparseLinear(nn.Module):
         """``nn.Linear``'s init (kaiming-uniform, a=sqrt(5)) on the kept entries."""
         if self.values.is_meta:  # no data to initialize
             return
+        # to_empty() from the meta device leaves mask and metadata uninitialized: init from those would
+        # index with garbage (the structure comes back with load_state_dict of a checkpoint)
+        ref = build_metadata(self.mask.cpu())
+        if not (ref["col_idx"].numel() == self.values.shape[0]
+                and all(torch.equal(getattr(self, name).cpu(), t) for name, t in ref.items())):
+            fail("mask", "the layer's block mask and its metadata (after to_empty() from the meta device: "
+                 "load_state_dict(a checkpoint with the mask) instead of reset_parameters())",
+                 "uninitialized or inconsistent ones")
         bound = 1 / math.sqrt(self.in_features)
         with torch.no_grad():  # the kept entries only: no dense weight is made
             self.values.uniform_(-bound, bound).mul_(

@@ -415,3 +415,25 @@ def test_sparsify_torch_pruned_model_after_an_optimizer_step(method):
         assert int((~model[0].mask).sum()) == 3 and torch.equal(model[0].dense_weight(), w0)
     kept = w0 * model[0].block_mask().to_dense()
     assert_close(model(x), oracle(torch.relu(oracle(x, kept, b0)), w2, b2), torch.float64)
+
+
+def test_reset_parameters_after_to_empty_refuses_lost_structure():
+    """to_empty() from meta leaves mask/metadata uninitialized; reset_parameters() used to init
+    through that garbage (and forward would index with it). Now it raises; the documented path
+    (load_state_dict) still works and reset_parameters on a real layer keeps padding at zero."""
+    torch.manual_seed(0)
+    mask = torch.rand(3, 5) < 0.5
+    src = sc.SparseLinear(70, 40, block=16, mask=mask, dtype=torch.float64)
+    with torch.device("meta"):
+        dst = sc.SparseLinear(70, 40, block=16, mask=mask, dtype=torch.float64)
+    dst.to_empty(device="cpu")
+    for name in ("mask", *sc.format.META_FIELDS):  # what uninitialized memory may hold
+        getattr(dst, name).fill_(1 if name == "mask" else 7)
+    with pytest.raises(sc.SparseCoreError, match="to_empty"):
+        dst.reset_parameters()
+    dst.load_state_dict(src.state_dict())
+    dst.reset_parameters()
+    inside = sc.format.inside((40, 70), (16, 16), dst.block_row, dst.col_idx)
+    assert bool((dst.values[~inside] == 0).all()) and float(dst.values.abs().max()) <= 70 ** -0.5
+    x = torch.randn(3, 70, dtype=torch.float64)
+    assert_close(dst(x), oracle(x, dst.dense_weight(), dst.bias), torch.float64)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SparseCoreError, check
+from .errors import SparseCoreError, check, fail
 
 BLOCK_SIDES = (16, 32, 64, 128)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -257,12 +257,12 @@ class BlockSparseWeight:
         crow, col = t.crow_indices().long(), t.col_indices().long()
         # a tensor built with check_invariants=False may hold anything: check what we index with
         nnz = t.values().shape[0]
-        check(crow.numel() == R + 1 and int(crow[0]) == 0 and int(crow[-1]) == nnz == col.numel()
-              and bool((crow.diff() >= 0).all()), "t.crow_indices()",
-              f"{R + 1} non-decreasing offsets from 0 to nnz={nnz} (one per block-row)",
-              f"{crow.tolist()[:8]}... with {col.numel()} column indices")
-        check(nnz == 0 or (int(col.min()) >= 0 and int(col.max()) < C), "t.col_indices()",
-              f"block columns in [0, {C})", f"range [{int(col.min())}, {int(col.max())}]" if nnz else "empty")
+        if not (crow.numel() == R + 1 and int(crow[0]) == 0 and int(crow[-1]) == nnz == col.numel()
+                and bool((crow.diff() >= 0).all())):
+            fail("t.crow_indices()", f"{R + 1} non-decreasing offsets from 0 to nnz={nnz} (one per block-row)",
+                 f"{crow.tolist()[:8]}... with {col.numel()} column indices")
+        if nnz and not (int(col.min()) >= 0 and int(col.max()) < C):
+            fail("t.col_indices()", f"block columns in [0, {C})", f"range [{int(col.min())}, {int(col.max())}]")
         rows = torch.repeat_interleave(torch.arange(R, device=crow.device), crow.diff())
         mask = torch.zeros(R, C, dtype=torch.bool, device=crow.device)
         mask[rows, col] = True

@@ -67,11 +67,14 @@ def sentences(name: str, n: int) -> list[str]:
 
 
 def batches(tokenizer, texts, batch_size, device) -> list[dict]:
-    """Tokenized batches, sentences grouped by length (little padding)."""
+    """Tokenized batches, sentences grouped by length (little padding), at most 128 tokens (or the
+    tokenizer's ``model_max_length`` where shorter: a longer sequence overruns the model's positions)."""
     texts = sorted(texts, key=len)
+    max_length = min(128, tokenizer.model_max_length)
     out = []
     for i in range(0, len(texts), batch_size):
-        t = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        t = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
         out.append({k: v.to(device) for k, v in t.items()})
     return out
 

@@ -60,14 +60,7 @@ class SparseLinear(nn.Module):
         """``nn.Linear``'s init (kaiming-uniform, a=sqrt(5)) on the kept entries."""
         if self.values.is_meta:  # no data to initialize
             return
-        # to_empty() from the meta device leaves mask and metadata uninitialized: init from those would
-        # index with garbage (the structure comes back with load_state_dict of a checkpoint)
-        ref = build_metadata(self.mask.cpu())
-        if not (ref["col_idx"].numel() == self.values.shape[0]
-                and all(torch.equal(getattr(self, name).cpu(), t) for name, t in ref.items())):
-            fail("mask", "the layer's block mask and its metadata (after to_empty() from the meta device: "
-                 "load_state_dict(a checkpoint with the mask) instead of reset_parameters())",
-                 "uninitialized or inconsistent ones")
+        self._check_structure()
         bound = 1 / math.sqrt(self.in_features)
         with torch.no_grad():  # the kept entries only: no dense weight is made
             self.values.uniform_(-bound, bound).mul_(
@@ -118,11 +111,26 @@ class SparseLinear(nn.Module):
         return lin
 
     # -- mask and metadata -----------------------------------------------------------------
+    _structure_ready = True  # False after to_empty() from meta until a mask is loaded or set
+
     def _set_structure(self, mask: torch.Tensor, device):
         """A copy of ``mask`` and the metadata built from it (where it has data), on ``device``."""
         self.register_buffer("mask", mask.to(device, copy=True), persistent=True)
         for name, t in build_metadata(mask).items():
             self.register_buffer(name, t.to(device), persistent=False)
+        self._structure_ready = True
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.mask.is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.mask.is_meta:  # to_empty(): mask and metadata are uninitialized memory
+            self._structure_ready = False
+        return out
+
+    def _check_structure(self):
+        if not self._structure_ready:  # indexing with that garbage reads out of bounds on the GPU
+            fail("mask", "a block mask loaded after to_empty() from the meta device (load_state_dict(a checkpoint "
+                 "with the mask) or set_mask(mask, weight))", "uninitialized memory")
 
     def block_mask(self) -> BlockMask:
         return BlockMask(self.mask, self.block, (self.out_features, self.in_features))
@@ -148,6 +156,7 @@ class SparseLinear(nn.Module):
     @property
     def sparse_weight(self) -> BlockSparseWeight:
         """The weight as a ``BlockSparseWeight`` sharing this module's tensors."""
+        self._check_structure()
         meta = {name: getattr(self, name) for name in META_FIELDS}
         return BlockSparseWeight(self.values, (self.out_features, self.in_features), self.block, meta, validate=False)
 
@@ -181,7 +190,9 @@ class SparseLinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.in_features):
-            fail("input", f"last dim {self.in_features} (in_features)", f"shape {tuple(getattr(x, 'shape', ()))}")
+            fail("input", f"last dim {self.in_features} (in_features)",
+                 f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
+        self._check_structure()
         meta = {name: getattr(self, name) for name in META_FIELDS}
         return ops.bsr_linear_tensors(x, self.values, meta, self.out_features, self.bias, "none", self.backend)
 

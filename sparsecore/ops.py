@@ -294,6 +294,7 @@ def bsr_linear(x: Tensor, W: BlockSparseWeight, bias: Optional[Tensor] = None, b
     ``backend``: "auto" | "torch" | "triton" | "cuda" (see ``sparsecore.backends``).
     """
     check(isinstance(W, BlockSparseWeight), "W", "a sparsecore.BlockSparseWeight", type(W).__name__)
-    check(isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] == W.shape[1], "x",
-          f"a tensor [..., {W.shape[1]}] (in_features of W)", f"shape {tuple(getattr(x, 'shape', ()))}")
+    if not (isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] == W.shape[1]):
+        fail("x", f"a tensor [..., {W.shape[1]}] (in_features of W)",
+             f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__)
     return bsr_linear_tensors(x, W.values, W.meta, W.shape[0], bias, activation, backend)

@@ -149,6 +149,22 @@ def test_calibration_text_from_a_pipe_and_not_utf8(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("sparsecore sparsify: error: --calibration:")
 
 
+def test_calibration_batches_fit_the_tokenizers_max_length(tmp_path):
+    """Calibration lines are cut at min(128, model_max_length) tokens: a model with fewer
+    positions (absolute position embeddings) would index past them."""
+    from transformers import AutoTokenizer
+
+    from sparsecore.demo import batches
+
+    _word_tokenizer(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    lines = [" ".join(f"w{i % 94}" for i in range(n)) for n in (5, 60, 200)]
+    lengths = [b["input_ids"].shape[1] for b in batches(tok, lines, 1, "cpu")]
+    assert lengths == [5, 32, 32]
+    tok.model_max_length = 10 ** 30  # transformers' value when the tokenizer says none
+    assert [b["input_ids"].shape[1] for b in batches(tok, lines, 1, "cpu")] == [5, 60, 128]
+
+
 @pytest.mark.parametrize("config", ['{"model_type": "no_such_arch"}', "{not json", None])
 def test_unloadable_source_exits_2(tmp_path, capsys, config):
     """Unknown model_type was a ValueError traceback; bad JSON / no weights now name src too."""

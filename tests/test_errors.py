@@ -117,6 +117,10 @@ def test_sparse_linear_bad_input():
     lin = sc.SparseLinear.from_dense(torch.nn.Linear(64, 32), block=32, sparsity=0.5)
     with pytest.raises(SparseCoreError, match="input: expected last dim 64"):
         lin(torch.randn(2, 63))
+    with pytest.raises(SparseCoreError, match="input: expected last dim 64 .*, got list"):  # was 'shape ()'
+        lin([0.0] * 64)
+    with pytest.raises(SparseCoreError, match="x: expected .*, got list"):
+        sc.ops.bsr_linear([0.0] * 64, lin.sparse_weight)
     with pytest.raises(SparseCoreError, match="sparsity/mask"):
         sc.SparseLinear.from_dense(torch.nn.Linear(64, 32), block=32)
     with pytest.raises(SparseCoreError, match="linear: expected an nn.Linear"):

@@ -417,23 +417,32 @@ def test_sparsify_torch_pruned_model_after_an_optimizer_step(method):
     assert_close(model(x), oracle(torch.relu(oracle(x, kept, b0)), w2, b2), torch.float64)
 
 
-def test_reset_parameters_after_to_empty_refuses_lost_structure():
+def test_to_empty_from_meta_refuses_lost_structure_until_loaded():
     """to_empty() from meta leaves mask/metadata uninitialized; reset_parameters() used to init
-    through that garbage (and forward would index with it). Now it raises; the documented path
-    (load_state_dict) still works and reset_parameters on a real layer keeps padding at zero."""
+    through that garbage and forward indexed with it (out of bounds on the GPU). Both raise until
+    a mask comes (load_state_dict, set_mask with a weight); then the layer matches the oracle and
+    reset_parameters keeps padding at zero."""
     torch.manual_seed(0)
     mask = torch.rand(3, 5) < 0.5
     src = sc.SparseLinear(70, 40, block=16, mask=mask, dtype=torch.float64)
-    with torch.device("meta"):
-        dst = sc.SparseLinear(70, 40, block=16, mask=mask, dtype=torch.float64)
-    dst.to_empty(device="cpu")
-    for name in ("mask", *sc.format.META_FIELDS):  # what uninitialized memory may hold
-        getattr(dst, name).fill_(1 if name == "mask" else 7)
-    with pytest.raises(sc.SparseCoreError, match="to_empty"):
-        dst.reset_parameters()
-    dst.load_state_dict(src.state_dict())
+    x = torch.randn(3, 70, dtype=torch.float64)
+    for fix in ("load", "set_mask"):
+        with torch.device("meta"):
+            dst = sc.SparseLinear(70, 40, block=16, mask=mask, dtype=torch.float64)
+        dst.to_empty(device="cpu")
+        for name in ("mask", *sc.format.META_FIELDS):  # what uninitialized memory may hold
+            getattr(dst, name).fill_(1 if name == "mask" else 7)
+        for call in (dst.reset_parameters, lambda: dst(x), dst.to_linear, lambda: dst.set_mask(mask)):
+            with pytest.raises(sc.SparseCoreError, match="to_empty"):
+                call()
+        if fix == "load":
+            dst.load_state_dict(src.state_dict())
+        else:
+            dst.set_mask(mask, weight=src.dense_weight().detach())
+            dst.bias.data.copy_(src.bias)
+        dst.to("cpu", torch.float64)  # a move with data keeps the structure
+        assert_close(dst(x), oracle(x, src.dense_weight(), src.bias), torch.float64)
     dst.reset_parameters()
     inside = sc.format.inside((40, 70), (16, 16), dst.block_row, dst.col_idx)
     assert bool((dst.values[~inside] == 0).all()) and float(dst.values.abs().max()) <= 70 ** -0.5
-    x = torch.randn(3, 70, dtype=torch.float64)
     assert_close(dst(x), oracle(x, dst.dense_weight(), dst.bias), torch.float64)

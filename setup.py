@@ -31,9 +31,6 @@ def _log(msg):
 
 def _cuda_extension():
     """Return ([ext], cmdclass) or ([], {}) when the CUDA build is not possible."""
-    if os.environ.get("SPARSECORE_SKIP_CUDA_BUILD", "0") == "1":
-        _log("SPARSECORE_SKIP_CUDA_BUILD=1: pure-Python install")
-        return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     if not sources:
         return [], {}
@@ -43,16 +40,12 @@ def _cuda_extension():
     except Exception as e:  # torch missing from the build env: pure-Python install
         _log(f"torch not importable ({e}): pure-Python install")
         return [], {}
-    if torch.version.cuda is None:
-        _log(f"torch {torch.__version__} is a CPU build: pure-Python install")
-        return [], {}
-    cuda_home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
-    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
-    if not nvcc or not os.path.exists(nvcc):
-        _log("no CUDA toolkit (nvcc) found: pure-Python install")
-        return [], {}
-    from sparsecore_build import extension_kwargs  # csrc build flags live beside csrc/
+    from sparsecore_build import extension_kwargs, toolkit  # csrc build rules live beside csrc/
 
+    cuda_home, why_not = toolkit(torch)
+    if why_not:
+        _log(f"{why_not}: pure-Python install (sparsecore._C not built)")
+        return [], {}
     ext = cpp_extension.CUDAExtension(name="sparsecore._C", sources=sources, **extension_kwargs(cuda_home))
     build = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build}

@@ -30,21 +30,7 @@ KERNELS = ("bsr_fwd_sm80", "bsr_fwd_sm90", "bsr_fwd_decode_rows", "bsr_fwd_decod
            "bsr_dw_sm80", "bsr_dw_finalize")
 
 
-def _why_not_built():
-    if os.environ.get("SPARSECORE_SKIP_CUDA_BUILD", "0") == "1":
-        return "SPARSECORE_SKIP_CUDA_BUILD=1"
-    if torch.version.cuda is None:
-        return "torch is a CPU build"
-    from torch.utils import cpp_extension
-
-    home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
-    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
-    if not nvcc or not os.path.exists(nvcc):
-        return "no CUDA toolkit (nvcc)"
-    return None
-
-
-_SKIP = _why_not_built()
+_SKIP = sparsecore_build.toolkit(torch)[1]
 needs_build = pytest.mark.skipif(_SKIP is not None, reason=f"extension not built here: {_SKIP}")
 
 
@@ -109,6 +95,35 @@ def test_arch_flags():
     for bad in ("", "75", "sm_90", "90b"):
         with pytest.raises(ValueError, match="SPARSECORE_CUDA_ARCHS"):
             sparsecore_build.parse_archs(bad)
+
+
+@pytest.mark.parametrize("release, torch_cuda, why", [
+    ("13.0", "13.0", None),
+    ("13.0", "12.4", "set CUDA_HOME to a CUDA 12.x toolkit"),  # was torch's RuntimeError: pip install failed
+    ("12.8", "13.0", "set CUDA_HOME to a CUDA 13.x toolkit"),
+    ("11.8", "11.8", "need CUDA 12 or newer"),
+    ("garbled", "13.0", "unknown version"),
+    ("13.0", None, "CPU build"),
+])
+def test_toolkit_decides_the_build(tmp_path, monkeypatch, release, torch_cuda, why):
+    """setup.py builds only against a toolkit torch will build with (same major CUDA, 12+);
+    otherwise a pure-Python install that says why. A fake nvcc stands in for the toolkit."""
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("SPARSECORE_SKIP_CUDA_BUILD", raising=False)
+    fake = type(torch)("torch")
+    fake.__version__, fake.version = "2.x", type(torch)("version")
+    fake.version.cuda = torch_cuda
+    home, got = sparsecore_build.toolkit(fake)
+    if why is None:
+        assert (home, got) == (str(tmp_path), None)
+    else:
+        assert home is None and why in got, got
+    monkeypatch.setenv("SPARSECORE_SKIP_CUDA_BUILD", "1")
+    assert sparsecore_build.toolkit(fake) == (None, "SPARSECORE_SKIP_CUDA_BUILD=1")
 
 
 # -- the module and its ops --------------------------------------------------------------

@@ -113,6 +113,30 @@ def test_backend_choice_errors(monkeypatch):
         sc.ops.bsr_linear(x, W)
 
 
+@pytest.mark.parametrize("version, why", [
+    ("3.6.0", None), ("3.8.0", None), ("4.0.0+git1a2b", None),
+    ("3.5.1", "triton 3.5.1 is older than 3.6"),  # fails to compile the fused epilogue
+    ("3.2.0", "triton 3.2.0 is older than 3.6"),  # torch 2.6: no tensor descriptors (ModuleNotFoundError mid-call)
+    (None, "triton is not installed"),
+])
+def test_triton_version_gate(monkeypatch, version, why):
+    """The backend's availability reason for a triton too old to run the kernels (read from the
+    package metadata, without importing triton), instead of an error inside a forward."""
+    import importlib.metadata
+
+    from sparsecore.kernels import triton_unusable
+
+    def fake(name):
+        assert name == "triton"
+        if version is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version
+
+    monkeypatch.setattr(importlib.metadata, "version", fake)
+    got = triton_unusable()
+    assert got == why if why is None else why in got, got
+
+
 def test_sparse_linear_bad_input():
     lin = sc.SparseLinear.from_dense(torch.nn.Linear(64, 32), block=32, sparsity=0.5)
     with pytest.raises(SparseCoreError, match="input: expected last dim 64"):

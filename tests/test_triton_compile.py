@@ -13,7 +13,6 @@ process where triton was imported in interpreter mode (see test_triton_kernels.p
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -22,8 +21,10 @@ import sys
 
 import pytest
 
-if __name__ != "__main__" and importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+from sparsecore.kernels import triton_unusable  # noqa: E402
+
+if __name__ != "__main__" and triton_unusable():
+    pytest.skip(triton_unusable(), allow_module_level=True)
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 N, K, PROGRAMS = 4096, 4096, 264

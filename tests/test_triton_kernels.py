@@ -10,7 +10,6 @@ run on CUDA tensors, plus the ``gpu``-marked realistic shapes at the end.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,9 +19,10 @@ import torch
 
 import sparsecore as sc
 from conftest import REL_TOL, TF32_TOL, assert_close, oracle, random_weight
+from sparsecore.kernels import triton_unusable
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+if triton_unusable():
+    pytest.skip(triton_unusable(), allow_module_level=True)
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 _saved = os.environ.get("TRITON_INTERPRET")

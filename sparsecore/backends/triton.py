@@ -35,19 +35,20 @@ from ..format import BLOCK_SIDES
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-try:
-    import triton  # noqa: F401
+from ..kernels import triton_unusable
 
-    from ..kernels import bsr_decode, bsr_dw, bsr_dx, bsr_fwd, configs
-    from ..kernels.common import interpreting
-    _IMPORT_ERROR = None
-except ImportError as e:  # triton missing or unusable: the backend reports unavailable
-    _IMPORT_ERROR = e
+_IMPORT_ERROR = triton_unusable()
+if _IMPORT_ERROR is None:
+    try:
+        from ..kernels import bsr_decode, bsr_dw, bsr_dx, bsr_fwd, configs
+        from ..kernels.common import interpreting
+    except ImportError as e:  # triton unusable here: the backend reports unavailable
+        _IMPORT_ERROR = f"triton cannot be imported ({e})"
 
 
 def available():
     if _IMPORT_ERROR is not None:
-        return False, f"triton cannot be imported ({_IMPORT_ERROR})"
+        return False, _IMPORT_ERROR
     if torch.cuda.is_available() or interpreting():
         return True, ""
     return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"

@@ -20,7 +20,7 @@ import importlib.metadata
 import re
 from typing import Optional
 
-MIN_TRITON = (3, 6)  # 3.4 and 3.5 fail to lower the fused epilogue (math.erf on an MMA tile)
+MIN_TRITON = (3, 6)  # 3.4, 3.5 fail to lower the kernels (erf on an MMA tile; 2-byte cp.async of x)
 
 
 def triton_unusable() -> Optional[str]:

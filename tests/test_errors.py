@@ -115,7 +115,7 @@ def test_backend_choice_errors(monkeypatch):
 
 @pytest.mark.parametrize("version, why", [
     ("3.6.0", None), ("3.8.0", None), ("4.0.0+git1a2b", None),
-    ("3.5.1", "triton 3.5.1 is older than 3.6"),  # fails to compile the fused epilogue
+    ("3.5.1", "triton 3.5.1 is older than 3.6"),  # fails to compile the kernels
     ("3.2.0", "triton 3.2.0 is older than 3.6"),  # torch 2.6: no tensor descriptors (ModuleNotFoundError mid-call)
     (None, "triton is not installed"),
 ])

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from sparsecore.kernels import triton_unusable  # noqa: E402
+from sparsecore.kernels import triton_unusable
 
 if __name__ != "__main__" and triton_unusable():
     pytest.skip(triton_unusable(), allow_module_level=True)

@@ -32,30 +32,29 @@ from torch import Tensor
 
 from ..errors import check
 from ..format import BLOCK_SIDES
+from ..kernels import triton_unusable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-from ..kernels import triton_unusable
-
-_IMPORT_ERROR = triton_unusable()
-if _IMPORT_ERROR is None:
+_UNUSABLE = triton_unusable()  # why the kernels cannot run here, or None
+if _UNUSABLE is None:
     try:
         from ..kernels import bsr_decode, bsr_dw, bsr_dx, bsr_fwd, configs
         from ..kernels.common import interpreting
     except ImportError as e:  # triton unusable here: the backend reports unavailable
-        _IMPORT_ERROR = f"triton cannot be imported ({e})"
+        _UNUSABLE = f"triton cannot be imported ({e})"
 
 
 def available():
-    if _IMPORT_ERROR is not None:
-        return False, _IMPORT_ERROR
+    if _UNUSABLE is not None:
+        return False, _UNUSABLE
     if torch.cuda.is_available() or interpreting():
         return True, ""
     return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"
 
 
 def supports(x, values):
-    if _IMPORT_ERROR is not None:
+    if _UNUSABLE is not None:
         return False
     on_device = x.is_cuda or (x.device.type == "cpu" and interpreting())
     return (on_device and x.dtype in DTYPES and values.dtype == x.dtype and values.dim() == 3
@@ -110,7 +109,7 @@ def _grad_weight(dy, x, block_row, col_idx, block, wrap=None):
     return bsr_dw.bsr_dw(dy, x, block_row, col_idx, block, config=cfg, programs=programs, wrap=wrap)
 
 
-if _IMPORT_ERROR is None:
+if _UNUSABLE is None:
     from torch.library import triton_op, wrap_triton
 
     def _wrap(kernel):

@@ -55,6 +55,7 @@ def table(path: str = TABLE_PATH) -> dict:
         return {}
 
 
+@functools.lru_cache(maxsize=None)  # per device, as sm_count: a property query costs microseconds a launch
 def arch_of(device) -> int:
     """sm number (90 for H100) of a CUDA device; 0 for the CPU interpreter."""
     if device.type != "cuda":
@@ -63,6 +64,7 @@ def arch_of(device) -> int:
     return 10 * major + minor
 
 
+@functools.lru_cache(maxsize=None)
 def sm_count(device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few programs are enough to exercise the split

@@ -39,10 +39,11 @@ def _check_meta(nnzb: int, block, n: int, k: int, device, **meta) -> None:
 
 
 def _check_host_meta(R: int, C: int, nnzb: int, **meta) -> None:
-    """Index ranges and mutual consistency of CPU metadata, O(nnzb + R + C) (free on the host;
-    on a GPU it would sync every call): pointers are the prefix sums of their index lists,
-    permutations are permutations, the CSC view is the BSR's (as format.build_metadata)."""
-    m = {k: t.long() for k, t in meta.items() if t.device.type == "cpu"}
+    """Index ranges and mutual consistency of CPU metadata, O(nnzb + R + C) (cheap on the host;
+    on a GPU it would sync every call, so GPU calls skip it): pointers are the prefix sums of
+    their index lists, permutations are permutations, the CSC view is the BSR's (as
+    format.build_metadata)."""
+    m = {k: t.long() for k, t in meta.items()}
 
     def head(t):  # for messages: formatted for bad input only
         return f"{t.tolist()[:8]}..."
@@ -139,8 +140,10 @@ def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, blo
                 bias: Optional[Tensor] = None, activation: str = "none", backend: str = "auto") -> Tensor:
     _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_order, out_features, bias,
                    activation)
-    _check_host_meta(row_ptr.numel() - 1, col_ptr.numel() - 1, values.shape[0], row_ptr=row_ptr, col_idx=col_idx,
-                     block_row=block_row, col_ptr=col_ptr, row_idx=row_idx, t_perm=t_perm, row_order=row_order)
+    if x.is_cpu:
+        _check_host_meta(row_ptr.numel() - 1, col_ptr.numel() - 1, values.shape[0], row_ptr=row_ptr,
+                         col_idx=col_idx, block_row=block_row, col_ptr=col_ptr, row_idx=row_idx, t_perm=t_perm,
+                         row_order=row_order)
     if x.shape[0] == 0:
         return x.new_zeros(0, out_features)
     mod = backends.resolve(backend, x, values)
@@ -160,8 +163,9 @@ def _(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_perm, row_orde
 def _grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, t_perm: Tensor,
                 in_features: int, backend: str = "auto") -> Tensor:
     _check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features)
-    _check_host_meta(-(-dy.shape[1] // values.shape[1]), col_ptr.numel() - 1, values.shape[0], col_ptr=col_ptr,
-                     row_idx=row_idx, t_perm=t_perm)
+    if dy.is_cpu:
+        _check_host_meta(-(-dy.shape[1] // values.shape[1]), col_ptr.numel() - 1, values.shape[0], col_ptr=col_ptr,
+                         row_idx=row_idx, t_perm=t_perm)
     if dy.shape[0] == 0:
         return dy.new_zeros(0, in_features)
     mod = backends.resolve(backend, dy, values)
@@ -179,8 +183,9 @@ def _(dy, values, col_ptr, row_idx, t_perm, in_features, backend="auto"):
 def _grad_weight(dy: Tensor, x: Tensor, block_row: Tensor, col_idx: Tensor, block_n: int, block_k: int,
                  backend: str = "auto") -> Tensor:
     _check_grad_weight(dy, x, block_row, col_idx, block_n, block_k)
-    _check_host_meta(-(-dy.shape[1] // block_n), -(-x.shape[1] // block_k), col_idx.numel(), block_row=block_row,
-                     col_idx=col_idx)
+    if dy.is_cpu:
+        _check_host_meta(-(-dy.shape[1] // block_n), -(-x.shape[1] // block_k), col_idx.numel(),
+                         block_row=block_row, col_idx=col_idx)
     if dy.shape[0] == 0:
         return dy.new_zeros(col_idx.numel(), block_n, block_k)
     mod = backends.resolve(backend, dy, dy.new_empty(0, block_n, block_k))
@@ -278,13 +283,14 @@ def bsr_linear_tensors(x: Tensor, values: Tensor, meta: dict, out_features: int,
     if x.dim() < 1:
         fail("x", "at least 1-D [..., K]", f"shape {tuple(x.shape)}")
     _check_no_func_autodiff()
-    lead = x.shape[:-1]
-    y = torch.ops.sparsecore.bsr_linear(
-        x.reshape(-1, x.shape[-1]), values, meta["row_ptr"], meta["col_idx"], meta["block_row"],
-        meta["col_ptr"], meta["row_idx"], meta["t_perm"], meta["row_order"], out_features, bias,
-        activation, backend)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # 2-D: no reshape, no view (~4 us a call)
+    y = torch.ops.sparsecore.bsr_linear.default(
+        x2, values, meta["row_ptr"], meta["col_idx"], meta["block_row"], meta["col_ptr"], meta["row_idx"],
+        meta["t_perm"], meta["row_order"], out_features, bias, activation, backend)
+    if x2 is x:
+        return y
     # not a view of y (as F.linear): FSDP2 warns that in-place ops on view outputs skip its hooks
-    return torch.ops.aten._unsafe_view(y, (*lead, out_features))
+    return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], out_features))
 
 
 def bsr_linear(x: Tensor, W: BlockSparseWeight, bias: Optional[Tensor] = None, backend: str = "auto",

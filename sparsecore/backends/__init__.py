@@ -15,6 +15,7 @@ Choice: the explicit ``backend`` argument, then ``$SPARSECORE_BACKEND``, then au
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -25,6 +26,7 @@ CHOICES = ("auto",) + NAMES
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
 
 
+@functools.lru_cache(maxsize=None)  # resolve() asks on every call
 def module(name: str):
     return importlib.import_module(f"{__name__}.{'reference' if name == 'torch' else name}")
 

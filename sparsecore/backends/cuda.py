@@ -30,6 +30,7 @@ never depends on it.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -73,7 +74,12 @@ def supports(x, values):
     return (x.dtype in DTYPES and values.dtype == x.dtype and values.dim() == 3
             and values.shape[1] in BLOCK_SIDES and values.shape[2] in BLOCK_SIDES
             and x.shape[0] <= MAX_ROWS and x.shape[-1] < 2**31 - 8
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+            and _capability(x.device.index) >= (8, 0))
+
+
+@functools.lru_cache(maxsize=None)  # a property query costs microseconds, and every eager call asks
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation, kernel=None):

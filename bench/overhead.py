@@ -7,7 +7,8 @@ CPU: the backend's kernel is stubbed out (it returns an empty output), so the ro
 dispatch path alone. GPU: each available backend runs for real at M = 1, 4096 x 4096, bf16,
 90% block-sparse 64x64; wall time per call over 1000 calls with one sync at the end, which is
 launch-bound the way eager decoding is (CUDA graphs and torch.compile's "reduce-overhead"
-remove this cost). Rows: median and p20/p80 of 7 repeats.
+remove this cost). Each provider under ``torch.no_grad()`` and ``torch.inference_mode()``
+(column ``mode``); rows: median and p20/p80 of 7 repeats.
 """
 from __future__ import annotations
 
@@ -72,14 +73,17 @@ def main(argv=None) -> int:
         _stub_kernels()
     gpu_name = torch.cuda.get_device_name() if gpu else "cpu"
     rows = []
-    with torch.no_grad():
-        for name, mod in providers.items():
-            us = sorted(per_call_us(lambda: mod(x), sync))
-            q = statistics.quantiles(us, n=5)
-            rows.append(dict(gpu=gpu_name, torch=torch.__version__, provider=name, dtype=str(dtype).split(".")[1],
-                             M=1, N=n, K=k, block=f"{block[0]}x{block[1]}", density=density if name != "nn.Linear" else 1.0,
-                             us_p50=round(statistics.median(us), 2), us_p20=round(q[0], 2), us_p80=round(q[3], 2)))
-            print(f"{name:18s} {rows[-1]['us_p50']:8.2f} us/call (p20 {rows[-1]['us_p20']}, p80 {rows[-1]['us_p80']})")
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            for name, mod in providers.items():
+                us = sorted(per_call_us(lambda: mod(x), sync))
+                q = statistics.quantiles(us, n=5)
+                rows.append(dict(gpu=gpu_name, torch=torch.__version__, provider=name, dtype=str(dtype).split(".")[1],
+                                 M=1, N=n, K=k, block=f"{block[0]}x{block[1]}",
+                                 density=density if name != "nn.Linear" else 1.0, us_p50=round(statistics.median(us), 2),
+                                 us_p20=round(q[0], 2), us_p80=round(q[3], 2), mode=mode.__name__))
+                print(f"{mode.__name__:15s} {name:18s} {rows[-1]['us_p50']:8.2f} us/call "
+                      f"(p20 {rows[-1]['us_p20']}, p80 {rows[-1]['us_p80']})")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as f:

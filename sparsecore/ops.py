@@ -237,6 +237,25 @@ def _backward(ctx, dy):
 
 _bsr_linear.register_autograd(_backward, setup_context=_setup_context)
 
+
+def _vmap_rule(op, fold: bool):
+    """torch.vmap: a batch of the first input alone (``x`` / ``dy``) is a taller matrix, so
+    ``fold`` rules make one call over ``[B*M, D]``; anything else batched (per-sample weights,
+    bias or metadata; both ``dy`` and ``x`` in grad_weight) runs once per sample."""
+    def rule(info, in_dims, first, *rest):
+        if fold and in_dims[0] is not None and all(d is None for d in in_dims[1:]):
+            a = first.movedim(in_dims[0], 0)                                   # [B, M, D]
+            return op(a.reshape(-1, a.shape[-1]), *rest).unflatten(0, a.shape[:2]), 0
+        args = (first, *rest)
+        return torch.stack([op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                            for i in range(info.batch_size)]), 0
+    return rule
+
+
+_bsr_linear.register_vmap(_vmap_rule(_bsr_linear, fold=True))
+_grad_input.register_vmap(_vmap_rule(_grad_input, fold=True))
+_grad_weight.register_vmap(_vmap_rule(_grad_weight, fold=False))
+
 # torch.autocast: the policy of F.linear (lower precision). Floating inputs on the autocast
 # device, float64 excepted, go to the autocast dtype (differentiably: fp32 parameters get fp32
 # gradients through the cast), then the op runs with autocast off, so a backend's own torch

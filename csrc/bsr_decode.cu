@@ -231,9 +231,10 @@ __global__ void __launch_bounds__(DecodeRowsCfg<BN>::NT, DecodeRowsCfg<BN>::MIN_
     if (idx < 16 * BN)
       for (int j = 0; j < split; ++j) z[k] += cluster.map_shared_rank(red, j)[at];
   }
-  // The remote reads are done (their values are summed): arrive without ordering the y stores
-  // below, and wait at the end so no CTA frees its shared memory while another still reads it.
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  // Arrive with release, so the remote reads above complete before it (.relaxed would not order
+  // them), write y meanwhile, and wait at the end: no CTA frees its shared memory while another
+  // still reads it.
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
 #pragma unroll
   for (int k = 0; k < PER; ++k) {
     const int idx = rank * C::NT + threadIdx.x + k * split * C::NT;
@@ -290,7 +291,7 @@ cudaLaunchConfig_t rows_config(unsigned ctas, int split, cudaStream_t stream, cu
 template <typename T, int BN>
 cudaError_t launch_rows(const BsrParams& p, int split, cudaStream_t stream) {
   const auto kernel = bsr_fwd_decode_rows<T, BN>;
-  if (split > kDecodeMaxSplit) return cudaErrorInvalidConfiguration;  // the caller keeps split <= bsr_decode_max_split()
+  if (split < 1 || split > kDecodeMaxSplit) return cudaErrorInvalidConfiguration;  // caller: <= bsr_decode_max_split()
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                DecodeRowsCfg<BN>::SMEM);
   if (err != cudaSuccess) return err;
@@ -316,6 +317,7 @@ cudaError_t launch_bn(const BsrParams& p, int bn, int num_sms, cudaStream_t stre
 
 cudaError_t launch_bsr_decode(const BsrParams& p, DType dt, int bn, int num_sms, cudaStream_t stream) {
   if (p.bk_shift < 5) return cudaErrorInvalidValue;  // units are 32-column slices: BK >= 32
+  if (p.nnzb == 0) return cudaSuccess;                // nothing to add into the zeroed workspace
   return dt == kFloat16 ? launch_bn<__half>(p, bn, num_sms, stream)
                         : launch_bn<__nv_bfloat16>(p, bn, num_sms, stream);
 }

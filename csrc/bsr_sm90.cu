@@ -235,8 +235,10 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
 
   if (warp == C::CONSUMERS / 32) {  // ---- producer warp: one thread takes tiles and issues every load
     if ((tid & 31) != 0) return;
-    tma_prefetch_map(&tmap_x);
-    tma_prefetch_map(&tmap_v);
+    if (p.nnzb > 0 && p.Kx > 0) {  // else the host left both maps unencoded (nothing is loaded)
+      tma_prefetch_map(&tmap_x);
+      tma_prefetch_map(&tmap_v);
+    }
     const int pieces = 64 >> kc_shift;
     int q = 0;  // messages sent: message q goes through stage q % STAGES
     // Wait for a free stage, post its message, arm its full barrier for `bytes`; returns the stage.

@@ -158,8 +158,9 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   if (bias) check_same_device(x, {{&*bias, "bias"}});
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t bn = values.size(1), bk = values.size(2);
-  TORCH_CHECK(M <= kMaxRows && K < INT_MAX - 8, "cuda_bsr_linear: x: expected at most ", kMaxRows,
-              " rows and fewer than 2^31 - 8 columns, got ", x.sizes());
+  // column indices (block-column x BK + offset) are int32 in the kernels
+  TORCH_CHECK(M <= kMaxRows && (K + bk - 1) / bk * bk < INT_MAX - 64, "cuda_bsr_linear: x: expected at most ",
+              kMaxRows, " rows and fewer than 2^31 - 64 columns padded to a multiple of BK, got ", x.sizes());
   TORCH_CHECK(R * bn < INT_MAX - 64 && values.size(0) < INT_MAX, "cuda_bsr_linear: values: expected fewer than ",
               "2^31 - 64 padded output features (block-rows x BN) and 2^31 blocks, got ", R, " block-rows of ", bn,
               " and ", values.size(0), " blocks");
@@ -339,8 +340,11 @@ Tensor grad_weight_cuda(const Tensor& dy, const Tensor& x, const Tensor& block_r
   check_grad_weight(dy, x, block_row, col_idx, block_n, block_k);
   check_same_device(dy, {{&x, "x"}, {&block_row, "block_row"}, {&col_idx, "col_idx"}});
   const int64_t M = dy.size(0), nnzb = col_idx.numel();
-  TORCH_CHECK(dy.size(1) < INT_MAX - 8 && x.size(1) < INT_MAX - 8 && M < INT_MAX - 64,
-              "cuda_bsr_linear: dy: expected fewer than 2^31 - 64 rows and columns, got ", dy.sizes());
+  const auto padded = [](int64_t d, int64_t side) { return (d + side - 1) / side * side; };  // int32 indices
+  TORCH_CHECK(padded(dy.size(1), block_n) < INT_MAX - 64 && padded(x.size(1), block_k) < INT_MAX - 64 &&
+                  M < INT_MAX - 64,
+              "cuda_bsr_linear: dy, x: expected fewer than 2^31 - 64 rows and columns (padded to the block), got ",
+              dy.sizes(), ", ", x.sizes());
   c10::cuda::CUDAGuard guard(dy.device());
   const DeviceInfo& info = checked_device(dy);
   if (nnzb == 0 || M == 0) return at::zeros({nnzb, block_n, block_k}, dy.options());

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one prepared script for a GPU machine: install (building the CUDA extension), the CUDA
-# kernel tests, `sparsecore bench --quick`, the other GPU tests, compute-sanitizer (memcheck +
-# racecheck) on small cases.
+# The one prepared script for a GPU machine, in this order: install (building the CUDA
+# extension), the CUDA kernel tests, compute-sanitizer (memcheck + racecheck) on a small case of
+# every CUDA kernel, `sparsecore bench --quick`, the eager overhead, the other GPU tests, the
+# Triton kernels under compute-sanitizer.
 #
 #   bash bench/device.sh            # results in $OUT (default ./out)
 #
@@ -11,8 +12,9 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl torchao==0.18.0
 # and installed under /tmp/site first (torchao 0.18: the torchao-bsr rows).
 #
-# Env: OUT, DEVICE_BUDGET_S, BENCH_ARGS (default --quick), MAX_JOBS (16), CUDA_HOME (from nvcc),
-# PYTHON (python3), SPARSECORE_COMMIT (default: git rev-parse, for copies without .git).
+# Env: OUT, DEVICE_BUDGET_S, BENCH_ARGS (default --quick --warmup-ms 10 --rep-ms 40), MAX_JOBS
+# (16), CUDA_HOME (from nvcc), PYTHON (python3), SPARSECORE_COMMIT (default: git rev-parse; set
+# it where the copy has no .git, as the run tool's does).
 # Files written to $OUT (at most 8): bench.csv, bench.png, table.txt, overhead.csv, summary.txt,
 # logs.tar.gz.
 # The whole script stays under DEVICE_BUDGET_S seconds (default 560): every stage runs under
@@ -50,8 +52,12 @@ stage() {
     fi
     echo "=== $name (timeout ${t}s) : $*"
     local t0=$SECONDS
-    timeout --kill-after=10 "$t" "$@" >"$logf" 2>&1
+    # in the background so that a TERM from outside runs `finish` now, not after the stage
+    timeout --kill-after=10 "$t" "$@" >"$logf" 2>&1 &
+    STAGE_PID=$! STAGE_NAME=$name
+    wait "$STAGE_PID"
     local rc=$?
+    STAGE_PID=
     local verdict=ok
     [ "$rc" -ne 0 ] && verdict="FAIL($rc)" && STATUS=1
     [ "$rc" -eq 124 ] && verdict="TIMEOUT"
@@ -60,7 +66,15 @@ stage() {
     return "$rc"
 }
 
+STAGE_PID= STAGE_NAME=
 finish() {
+    trap "" TERM INT  # finish is short: let it end
+    if [ -n "$STAGE_PID" ]; then  # stopped from outside: end the stage (the bench keeps its rows)
+        kill -TERM "$STAGE_PID" 2>/dev/null
+        wait "$STAGE_PID" 2>/dev/null
+        STATUS=1
+        SUMMARY+=("(stopped from outside after ${SECONDS}s, during stage $STAGE_NAME)")
+    fi
     {
         echo "sparsecore device run: commit $SPARSECORE_COMMIT, $(date -u +%FT%TZ), ${SECONDS}s"
         nvidia-smi -L 2>/dev/null || true
@@ -79,19 +93,50 @@ finish() {
     exit "$STATUS"
 }
 
+# sanitize CASE: compute-sanitizer memcheck + racecheck on a small case script. memcheck counts
+# failed CUDA API calls as errors too (torch / triton / the cluster query probe some on
+# purpose): --report-api-errors no keeps it to memory errors (a failed launch fails the case).
+# Where the tool cannot attach (gVisor: "Device not supported"), this and later calls skip.
+SANITIZER=$(command -v compute-sanitizer >/dev/null && echo yes || echo "not found")
+sanitize() {
+    local case=$1 tag before=$STATUS
+    tag=$(basename "$(dirname "$1")")
+    if [ "$SANITIZER" != yes ]; then
+        SUMMARY+=("$(printf '%-10s %-8s %5ss  (compute-sanitizer: %s)' "sanitize-$tag" SKIPPED 0 "$SANITIZER")")
+        return
+    fi
+    if ! stage "memcheck-$tag" 40 "$LOGS/memcheck_$tag.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 --print-limit 20 \
+            "$PY" "$case" \
+            && grep -qi "device not supported" "$LOGS/memcheck_$tag.log"; then
+        STATUS=$before
+        SANITIZER="'Device not supported' on this machine"
+        SUMMARY+=("(compute-sanitizer: $SANITIZER: sanitizer stages skipped)")
+        return
+    fi
+    stage "racecheck-$tag" 40 "$LOGS/racecheck_$tag.log" \
+        compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 "$PY" "$case"
+}
+
+trap finish TERM INT  # killed from outside: still write the summary and the log tarball
+
 # 0. carried wheels (baselines only: if this fails, their rows are missing)
 if compgen -G ".whl/*.whl" >/dev/null; then
     stage wheels 60 "$LOGS/wheels.log" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# 1. install: editable, builds sparsecore._C from csrc/ with all cores (pure Python if it cannot)
+# 1. install: editable, builds sparsecore._C from csrc/ with all cores. If the build fails, the
+# run still fails, but Triton and the baselines are measured without the extension.
 if ! stage install 150 "$LOGS/install.log" \
         "$PY" -m pip install --no-deps --no-build-isolation -v -e .; then
-    echo "install failed: see logs"
-    finish
+    if ! stage install-py 60 "$LOGS/install_py.log" env SPARSECORE_SKIP_CUDA_BUILD=1 \
+            "$PY" -m pip install --no-deps --no-build-isolation -e .; then
+        echo "install failed: see logs"
+        finish
+    fi
 fi
-"$PY" -m sparsecore.cli info 2>&1 | tee "$LOGS/info.log"
+timeout 60 "$PY" -m sparsecore.cli info 2>&1 | tee "$LOGS/info.log"
 
 # 2. the CUDA kernels against the float64 oracle (no JIT; 4 workers prepare the cases), so a broken kernel shows
 # before the benchmark spends its time. The sm90a kernel first, in a process of its own (a
@@ -110,10 +155,13 @@ if ! stage gpu-decode 30 "$LOGS/pytest_gpu_decode.log" env SPARSECORE_TEST_KERNE
 fi
 stage gpu-cuda 50 "$LOGS/pytest_gpu_cuda.log" env SPARSECORE_TEST_KERNELS=sm80,decode \
     "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 tests/test_cuda_kernels.py
+# compute-sanitizer (memcheck + racecheck) on a small case of every CUDA kernel
+sanitize csrc/sanitize_case.py
 
 # 3. benchmark (the deliverable); rows stream to bench.csv, so a timeout keeps them
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-stage bench 200 "$LOGS/bench.log" "$PY" -m sparsecore.cli bench ${BENCH_ARGS:---quick} --out "$OUT"
+stage bench 200 "$LOGS/bench.log" "$PY" -m sparsecore.cli bench ${BENCH_ARGS:---quick --warmup-ms 10 --rep-ms 40} \
+    --out "$OUT"
 grep -E "WRONG RESULT|ERROR provider|FAILED|skipped" "$LOGS/bench.log" | head -n 30
 
 # eager per-call cost beside nn.Linear (launch-bound, as eager decode is)
@@ -123,27 +171,7 @@ stage overhead 30 "$LOGS/overhead.log" "$PY" bench/overhead.py --out "$OUT/overh
 stage gpu-tests 80 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 \
     --ignore=tests/test_cuda_kernels.py tests
 
-# 5. compute-sanitizer on small cases: the CUDA kernels' and the Triton kernels'. memcheck
-# counts failed CUDA API calls as errors too (torch / triton / the cluster query probe some on
-# purpose): --report-api-errors no keeps it to memory errors (a failed launch fails the case).
-if command -v compute-sanitizer >/dev/null; then
-    for CASE in csrc/sanitize_case.py bench/sanitize_case.py; do
-        tag=$(basename "$(dirname "$CASE")")
-        before=$STATUS
-        if ! stage "memcheck-$tag" 40 "$LOGS/memcheck_$tag.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-                compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 --print-limit 20 \
-                "$PY" "$CASE" \
-                && grep -qi "device not supported" "$LOGS/memcheck_$tag.log"; then
-            # seen on gVisor machines (KINDS.md): the tool cannot attach there, not a kernel error
-            STATUS=$before
-            SUMMARY+=("(compute-sanitizer: 'Device not supported' on this machine: sanitizer stages skipped)")
-            break
-        fi
-        stage "racecheck-$tag" 40 "$LOGS/racecheck_$tag.log" \
-            compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 "$PY" "$CASE"
-    done
-else
-    SUMMARY+=("$(printf '%-10s %-8s %5ss  (compute-sanitizer not found)' sanitizer SKIPPED 0)")
-fi
+# 5. the Triton kernels under compute-sanitizer (the CUDA kernels' case ran before the bench)
+sanitize bench/sanitize_case.py
 
 finish

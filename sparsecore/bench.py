@@ -37,9 +37,11 @@ import logging
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -725,7 +727,8 @@ def time_cuda(fn, warmup_ms: float, rep_ms: float, graph: bool) -> tuple:
     from triton.testing import do_bench
     if graph:
         try:
-            return (*time_cuda_graph(fn, max(1.0, rep_ms)), "cudagraph")
+            # 10 replays of a rep_ms / 5 graph: about do_bench's time per row (triton's own default is 20 ms)
+            return (*time_cuda_graph(fn, max(1.0, rep_ms / 5)), "cudagraph")
         except Exception as e:  # capture is not possible for every provider: time it without
             log.info("CUDA graph capture failed (%s): timing with events", str(e).splitlines()[0][:160] if str(e)
                      else type(e).__name__)
@@ -861,8 +864,12 @@ class Runner:
         tol = REL_TOL[prob.dtype] * OP_DEPTH[prob.op]
         err = check_output(out, ref)
         del out
-        if not err <= tol:
-            self.failures.append(f"WRONG RESULT {where}: relative error {err:.3e} > tolerance {tol:.1e}")
+        if not err <= tol:  # never timed; ours fail the run, a baseline's own numerics only skip its row
+            msg = f"WRONG RESULT {where}: relative error {err:.3e} > tolerance {tol:.1e}"
+            if prov.ours:
+                self.failures.append(msg)
+            else:
+                self._skip(prov.name, msg)
             return None
         try:
             fns, timer_fn = self._rotate(fn, prov, prob, s)
@@ -1067,10 +1074,24 @@ def run(cfg: Config) -> list:
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    handler = (signal.signal(signal.SIGTERM, _on_sigterm)
+               if threading.current_thread() is threading.main_thread() else None)
     try:
         return _run(cfg)
+    except _Terminated as e:
+        raise BenchError(f"{e}: stopped outside the rows (setup or report)") from None
     finally:
         torch.set_num_threads(threads)
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+class _Terminated(BaseException):  # not an Exception: no provider handler may swallow it
+    """SIGTERM during the rows (``timeout`` ending a device run): what ran is still reported."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated("SIGTERM")
 
 
 def _run(cfg: Config) -> list:
@@ -1103,6 +1124,7 @@ def _run(cfg: Config) -> list:
     runner = Runner(cfg, env, copy_gbps)
     tasks = plan(cfg, provs)
     writer = CsvWriter(cfg.out / "bench.csv")
+    stopped = None
     try:
         with tqdm(total=len(tasks), desc="bench", unit="row", mininterval=1.0, disable=None) as bar:
             prob = None
@@ -1119,6 +1141,9 @@ def _run(cfg: Config) -> list:
                 if row is not None:
                     writer.write(row)
                 bar.update(1)
+    except _Terminated as e:  # keep the rows, write the table and plot below, then fail
+        stopped = f"{e}: stopped after {len(runner.rows)} timed rows of {len(tasks)} planned"
+        log.error("%s", stopped)
     finally:
         writer.close()
     for (name, why), n in sorted(runner.skips.items()):
@@ -1136,6 +1161,8 @@ def _run(cfg: Config) -> list:
         for f in runner.failures:
             log.error("%s", f)
         raise BenchError(f"{len(runner.failures)} row(s) failed; first: {runner.failures[0]}")
+    if stopped:
+        raise BenchError(stopped)
     return runner.rows
 
 

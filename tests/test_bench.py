@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import signal
 
 import pytest
 import torch
@@ -92,6 +94,37 @@ def test_wrong_kernel_raises_from_run(monkeypatch, tmp_path):
     args = _parser().parse_args([*TINY, "--ops", "fwd", "--providers", "sparsecore-torch", "--out", str(tmp_path)])
     with pytest.raises(bench.BenchError, match=r"sparsecore-torch.*M=3 N=128 K=96.*block=16x16"):
         bench.run(bench.make_config(args))
+
+
+def test_wrong_baseline_skips_its_row(monkeypatch, tmp_path, caplog):
+    """A third-party provider's wrong result is its own numerics: the row is skipped (never
+    timed) and the run goes on; ours fail the run (above)."""
+    real = bench.TorchBSR.linear
+    monkeypatch.setattr(bench.TorchBSR, "linear", lambda self, *a: (lambda f: lambda x: f(x) * 1.05)(real(self, *a)))
+    with caplog.at_level(logging.INFO, logger="sparsecore.bench"):
+        rc = cli.main(["bench", *TINY, "--ops", "fwd", "--providers", "dense,torch-bsr", "--out", str(tmp_path)])
+    assert rc == 0 and "WRONG RESULT provider torch-bsr" in caplog.text
+    _, rows = _read(tmp_path / "bench.csv")
+    assert rows and {r["provider"] for r in rows} == {"dense"}
+
+
+def test_sigterm_keeps_rows_table_and_fails(monkeypatch, tmp_path):
+    """`timeout` ending a device run: the rows timed so far stay, the table is still written,
+    the run fails, and the previous SIGTERM handler is back."""
+    real, seen = bench.Runner.run_task, []
+
+    def run_task(self, t):
+        seen.append(t)
+        if len(seen) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, t)
+    monkeypatch.setattr(bench.Runner, "run_task", run_task)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = cli.main(["bench", *TINY, "--ops", "fwd", "--providers", "dense,sparsecore-torch", "--out", str(tmp_path)])
+    assert rc == 1 and len(seen) == 3 and signal.getsignal(signal.SIGTERM) is before
+    _, rows = _read(tmp_path / "bench.csv")
+    table = (tmp_path / "table.txt").read_text()
+    assert len(rows) == 2 and all(f"{r['provider']}" in table for r in rows)
 
 
 def _parser():

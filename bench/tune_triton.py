@@ -111,7 +111,7 @@ def tune_one(kernel, dtype, block, M, N, K, density, limit, arch):
         try:
             fn()  # compile (and reject configs that do not fit: out of resources)
             torch.cuda.synchronize()
-            ms = triton.testing.do_bench(fn, warmup=5, rep=25)
+            ms = triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
         except Exception as e:  # noqa: BLE001 - a config that cannot launch is skipped
             print(f"    skip {cfg}: {type(e).__name__}", file=sys.stderr)
             continue

@@ -1098,7 +1098,7 @@ def _run(cfg: Config) -> list:
     from tqdm import tqdm
 
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*beta.*")
-    warnings.filterwarnings("ignore", message=".*semi-structured.*")
+    warnings.filterwarnings("ignore", message=".*(semi-structured|SemiStructured).*")
     cfg.out.mkdir(parents=True, exist_ok=True)
     env = environment(cfg.device)
     if cfg.device == "cpu":

@@ -194,9 +194,10 @@ class SparseLinear(nn.Module):
             fail("input", f"last dim {self.in_features} (in_features)",
                  f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
         self._check_structure()
-        # the dicts directly: nn.Module.__getattr__ costs ~0.4 us a name, and every eager call pays it
-        p, meta = self._parameters, self._buffers
-        return ops.bsr_linear_tensors(x, p["values"], meta, self.out_features, p["bias"], "none", self.backend)
+        # the metadata straight from the buffer dict: nn.Module.__getattr__ costs ~0.4 us a name, and
+        # every eager call pays it (values / bias by attribute: torch.nn.utils.parametrize may own them)
+        return ops.bsr_linear_tensors(x, self.values, self._buffers, self.out_features, self.bias, "none",
+                                      self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -42,6 +42,29 @@ def test_constructor_like_nn_linear():
     assert abs(float(big.std()) * 3 ** 0.5 * 20 - 1) < 0.02 and abs(float(big.mean())) < 1e-3
 
 
+def test_parameters_replaced_by_attribute_are_used():
+    """Forward reads ``values`` and ``bias`` as attributes, so what replaces them is used:
+    a parametrization of ``bias`` (``values`` cannot be one: ModuleDict has a ``values``
+    method), and a plain tensor set where the Parameter was (as FSDP1's flat parameters do)."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    sl = sc.SparseLinear.from_dense(_lin(), block=(16, 32), sparsity=0.5)
+    w, b = sl.dense_weight().detach(), sl.bias.detach()
+    parametrize.register_parametrization(sl, "bias", Scale())
+    v = sl.values.detach().clone().mul_(3).requires_grad_(True)
+    del sl.values
+    sl.values = v
+    x = torch.randn(4, 96)
+    y = sl(x)
+    assert_close(y, oracle(x, 3 * w, 2 * b), torch.float32)
+    y.sum().backward()
+    assert v.grad is not None and sl.parametrizations.bias.original.grad is not None
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_from_sparse_weight_or_torch_bsr(bias):
     """A layer from a BlockSparseWeight or PyTorch's sparse_bsr tensor computes the same linear."""

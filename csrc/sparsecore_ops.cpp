@@ -42,6 +42,9 @@ constexpr int64_t kMaxRows = 65535LL * 128;  // grid.y (65535) x the largest row
 
 bool is_block_side(int64_t s) { return s == 16 || s == 32 || s == 64 || s == 128; }
 
+// d rounded up to whole blocks of `side`: the kernels' int32 column indices reach it
+int64_t padded(int64_t d, int64_t side) { return (d + side - 1) / side * side; }
+
 int parse_activation(c10::string_view a) {
   if (a == "none") return kActNone;
   if (a == "relu") return kActRelu;
@@ -158,8 +161,7 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   if (bias) check_same_device(x, {{&*bias, "bias"}});
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t bn = values.size(1), bk = values.size(2);
-  // column indices (block-column x BK + offset) are int32 in the kernels
-  TORCH_CHECK(M <= kMaxRows && (K + bk - 1) / bk * bk < INT_MAX - 64, "cuda_bsr_linear: x: expected at most ",
+  TORCH_CHECK(M <= kMaxRows && padded(K, bk) < INT_MAX - 64, "cuda_bsr_linear: x: expected at most ",
               kMaxRows, " rows and fewer than 2^31 - 64 columns padded to a multiple of BK, got ", x.sizes());
   TORCH_CHECK(R * bn < INT_MAX - 64 && values.size(0) < INT_MAX, "cuda_bsr_linear: values: expected fewer than ",
               "2^31 - 64 padded output features (block-rows x BN) and 2^31 blocks, got ", R, " block-rows of ", bn,
@@ -280,8 +282,8 @@ Tensor grad_input_cuda(const Tensor& dy, const Tensor& values, const Tensor& col
   const int64_t C = check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features);
   check_same_device(dy, {{&values, "values"}, {&col_ptr, "col_ptr"}, {&row_idx, "row_idx"}, {&t_perm, "t_perm"}});
   const int64_t M = dy.size(0);
-  TORCH_CHECK(M <= kMaxRows && dy.size(1) < INT_MAX - 8, "cuda_bsr_linear: dy: expected at most ", kMaxRows,
-              " rows and fewer than 2^31 - 8 columns, got ", dy.sizes());
+  TORCH_CHECK(M <= kMaxRows && padded(dy.size(1), values.size(1)) < INT_MAX - 64, "cuda_bsr_linear: dy: expected at ",
+              "most ", kMaxRows, " rows and fewer than 2^31 - 64 columns padded to a multiple of BN, got ", dy.sizes());
   TORCH_CHECK(C * values.size(2) < INT_MAX - 64 && values.size(0) < INT_MAX, "cuda_bsr_linear: in_features: ",
               "expected fewer than 2^31 - 64 padded input features (block-columns x BK) and 2^31 blocks, got ", C,
               " block-columns of ", values.size(2), " and ", values.size(0), " blocks");
@@ -340,7 +342,6 @@ Tensor grad_weight_cuda(const Tensor& dy, const Tensor& x, const Tensor& block_r
   check_grad_weight(dy, x, block_row, col_idx, block_n, block_k);
   check_same_device(dy, {{&x, "x"}, {&block_row, "block_row"}, {&col_idx, "col_idx"}});
   const int64_t M = dy.size(0), nnzb = col_idx.numel();
-  const auto padded = [](int64_t d, int64_t side) { return (d + side - 1) / side * side; };  // int32 indices
   TORCH_CHECK(padded(dy.size(1), block_n) < INT_MAX - 64 && padded(x.size(1), block_k) < INT_MAX - 64 &&
                   M < INT_MAX - 64,
               "cuda_bsr_linear: dy, x: expected fewer than 2^31 - 64 rows and columns (padded to the block), got ",

@@ -73,7 +73,7 @@ def supports(x, values):
         return False
     return (x.dtype in DTYPES and values.dtype == x.dtype and values.dim() == 3
             and values.shape[1] in BLOCK_SIDES and values.shape[2] in BLOCK_SIDES
-            and x.shape[0] <= MAX_ROWS and x.shape[-1] < 2**31 - 8
+            and x.shape[0] <= MAX_ROWS and -(-x.shape[-1] // values.shape[2]) * values.shape[2] < 2**31 - 64
             and _capability(x.device.index) >= (8, 0))
 
 

@@ -64,6 +64,7 @@ def _check_weight(w, name="w"):
     check(w.dim() == 2, name, "a 2-D weight [out_features, in_features]", f"shape {tuple(w.shape)}")
     check(w.dtype in FLOAT_DTYPES, name, f"a floating dtype {FLOAT_DTYPES}", w.dtype)
     check(w.shape[0] > 0 and w.shape[1] > 0, name, "non-empty dimensions", f"shape {tuple(w.shape)}")
+    check(not w.is_meta, name, "a tensor with data (its values choose and fill the blocks)", "a meta tensor")
 
 
 def pad_to_blocks(w: torch.Tensor, block) -> torch.Tensor:
@@ -109,8 +110,8 @@ class BlockMask:
     def __post_init__(self):
         block = normalize_block(self.block)
         object.__setattr__(self, "block", block)
-        check(isinstance(self.mask, torch.Tensor) and self.mask.dtype == torch.bool, "mask",
-              "a bool tensor", getattr(self.mask, "dtype", type(self.mask).__name__))
+        check(isinstance(self.mask, torch.Tensor) and self.mask.dtype == torch.bool, "mask", "a bool torch.Tensor",
+              self.mask.dtype if isinstance(self.mask, torch.Tensor) else type(self.mask).__name__)
         shape = normalize_shape(self.shape)
         object.__setattr__(self, "shape", shape)
         grid = grid_shape(shape, block)
@@ -225,6 +226,7 @@ class BlockSparseWeight:
         else:
             check(block is not None, "block", "(BN, BK) when mask is a plain tensor", None)
             bm = BlockMask(mask, block, tuple(w.shape))
+        check(not bm.mask.is_meta, "mask", "a tensor with data", "a meta tensor")
         check(bool(torch.isfinite(w).all()), "w", "finite values (no NaN/Inf)", "non-finite entries")
         m = bm.mask.to(w.device)
         meta = build_metadata(m)

@@ -33,8 +33,8 @@ class SparseLinear(nn.Module):
     ``torch.ops.sparsecore.bsr_linear`` ("auto" picks cuda ▸ triton ▸ torch).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block=(64, 64), mask=None,
-                 backend: str = "auto", device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 block=(64, 64), mask=None, backend: str = "auto"):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "a positive int", repr(v))
@@ -71,20 +71,40 @@ class SparseLinear(nn.Module):
 
     # -- construction from dense -----------------------------------------------------------
     @classmethod
-    def from_dense(cls, linear: nn.Linear, block=(64, 64), sparsity=None, mask=None, *, weight=None,
+    def from_dense(cls, linear: nn.Linear, block=None, sparsity=None, mask=None, *, weight=None,
                    score="l2", balanced: bool = False, backend: str = "auto") -> "SparseLinear":
-        """Prune ``linear`` to a block mask (given, or magnitude at ``sparsity``).
+        """Prune ``linear`` to a block mask (given, or magnitude at ``sparsity``), on its device
+        and dtype, in its training mode and ``requires_grad``.
 
-        ``weight``: optional replacement dense weight (e.g. refitted by a pruner).
+        ``block``: default ``(64, 64)``, or a ``BlockMask`` mask's own. ``weight``: optional
+        replacement dense weight of ``linear.weight``'s shape (e.g. refitted by a pruner), cast
+        to the layer's dtype.
         """
         check(isinstance(linear, nn.Linear), "linear", "an nn.Linear", type(linear).__name__)
+        check(not linear.weight.is_meta, "linear", "an nn.Linear with data (its weight fills the blocks)",
+              "one on the meta device")
         check((sparsity is None) != (mask is None), "sparsity/mask", "exactly one of them",
               f"sparsity={sparsity!r}, mask={'set' if mask is not None else None}")
-        w = (linear.weight if weight is None else weight).detach()
+        lw = linear.weight
+        if weight is not None:
+            check(isinstance(weight, torch.Tensor) and weight.shape == lw.shape and weight.is_floating_point(),
+                  "weight", f"None or a floating tensor of linear.weight's shape {tuple(lw.shape)}",
+                  f"{weight.dtype} of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
+                  else type(weight).__name__)
+        w = (lw if weight is None else weight.to(lw.device, lw.dtype)).detach()
+        if isinstance(mask, BlockMask):
+            check(block is None or normalize_block(block) == mask.block, "block",
+                  f"None or the mask's block {mask.block}", block)
+            block = mask.block
+        block = (64, 64) if block is None else block
         if mask is None:
             mask = block_mask(w, block, sparsity, score=score, balanced=balanced)
         W = BlockSparseWeight.from_dense(w, mask, None if isinstance(mask, BlockMask) else block)
-        return cls.from_sparse(W, linear.bias, backend=backend)
+        lin = cls.from_sparse(W, linear.bias, backend=backend).train(linear.training)
+        lin.values.requires_grad_(lw.requires_grad)
+        if linear.bias is not None:
+            lin.bias.requires_grad_(linear.bias.requires_grad)
+        return lin
 
     @classmethod
     def from_sparse(cls, weight, bias=None, *, backend: str = "auto") -> "SparseLinear":
@@ -122,10 +142,16 @@ class SparseLinear(nn.Module):
         self._structure_ready = True
 
     def _apply(self, fn, recurse=True):
-        was_meta = self.mask.is_meta
+        before = {name: self._buffers[name] for name in ("mask", *META_FIELDS)}
         out = super()._apply(fn, recurse)
-        if was_meta and not self.mask.is_meta:  # to_empty(): mask and metadata are uninitialized memory
-            self._structure_ready = False
+        if before["mask"].is_meta:
+            if not self.mask.is_meta:  # to_empty() from meta: mask and metadata are uninitialized memory
+                self._structure_ready = False
+        else:  # the structure survives every move, to_empty() too (it would leave garbage indices)
+            for name, old in before.items():
+                new = self._buffers[name]
+                if new is not old and not new.is_meta:
+                    new.copy_(old)
         return out
 
     def _check_structure(self):
@@ -136,11 +162,13 @@ class SparseLinear(nn.Module):
     def block_mask(self) -> BlockMask:
         return BlockMask(self.mask, self.block, (self.out_features, self.in_features))
 
-    def set_mask(self, mask, weight=None):
+    def set_mask(self, mask, weight=None, optimizer=None):
         """Change the kept blocks; metadata is rebuilt once here (not per step).
 
         Values of blocks kept before are kept; newly kept blocks come from ``weight``
-        ``[out, in]`` if given, else start at zero.
+        ``[out, in]`` if given, else start at zero. ``values`` becomes a new Parameter: pass
+        the ``optimizer`` that holds the old one to swap it there, with the per-block state
+        (e.g. Adam's moments) of the blocks that stay (``sc.prune.replace_in_optimizer``).
         """
         bm = mask if isinstance(mask, BlockMask) else BlockMask(mask, self.block, (self.out_features, self.in_features))
         check(bm.block == self.block and bm.shape == (self.out_features, self.in_features), "mask",
@@ -151,8 +179,13 @@ class SparseLinear(nn.Module):
         with torch.no_grad():
             src = self.dense_weight() if weight is None else weight.to(self.values)
             new = BlockSparseWeight.from_dense(src, bm.to(self.values.device)).values
+        old_values, old_mask = self.values, self.mask
         self._set_structure(bm.mask, self.mask.device)
         self.values = nn.Parameter(new, requires_grad=self.values.requires_grad)
+        if optimizer is not None:
+            from .prune.gradual import replace_in_optimizer  # prune.gradual imports this module
+
+            replace_in_optimizer(optimizer, old_values, self.values, old_mask, self.mask)
 
     @property
     def sparse_weight(self) -> BlockSparseWeight:

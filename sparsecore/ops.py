@@ -65,8 +65,12 @@ def _check_host_meta(R: int, C: int, nnzb: int, **meta) -> None:
                 ok = torch.equal(p[1:], torch.bincount(m[idx], minlength=n).cumsum(0))
             if not ok:
                 fail(ptr, f"0, then running counts of {idx} up to nnzb={nnzb}", head(p))
-    if "row_ptr" in m and "block_row" in m and not bool((m["block_row"][1:] >= m["block_row"][:-1]).all()):
-        fail("block_row", "non-decreasing (BSR order)", head(m["block_row"]))
+    if "block_row" in m and "col_idx" in m:
+        br, ci = m["block_row"], m["col_idx"]
+        if not bool((br[1:] >= br[:-1]).all()):
+            fail("block_row", "non-decreasing (BSR order)", head(br))
+        if not bool(((ci[1:] > ci[:-1]) | (br[1:] != br[:-1])).all()):
+            fail("col_idx", "strictly increasing within each block-row (sorted, no block twice)", head(ci))
     if {"t_perm", "row_idx", "block_row", "col_idx"} <= set(m):
         t = m["t_perm"]
         ok = torch.equal(m["row_idx"], m["block_row"][t]) and bool((m["col_idx"][t][1:] >= m["col_idx"][t][:-1]).all())
@@ -89,6 +93,8 @@ def _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_p
     if activation not in backends.ACTIVATIONS:
         fail("activation", f"one of {backends.ACTIVATIONS}", repr(activation))
     nnzb, bn, bk = values.shape
+    if not (bn in BLOCK_SIDES and bk in BLOCK_SIDES):
+        fail("values", f"blocks with sides in {BLOCK_SIDES}", f"blocks of {(bn, bk)}")
     R, C = row_ptr.numel() - 1, col_ptr.numel() - 1
     if not (R - 1) * bn < out_features <= R * bn:
         fail("out_features", f"in ({(R - 1) * bn}, {R * bn}] (R={R} block-rows)", out_features)
@@ -113,6 +119,8 @@ def _check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
     if in_features <= 0:
         fail("in_features", "a positive int", in_features)
     nnzb, bn, bk = values.shape
+    if not (bn in BLOCK_SIDES and bk in BLOCK_SIDES):
+        fail("values", f"blocks with sides in {BLOCK_SIDES}", f"blocks of {(bn, bk)}")
     _check_meta(nnzb, (bn, bk), dy.shape[1], in_features, dy.device, col_ptr=col_ptr, row_idx=row_idx, t_perm=t_perm)
 
 
@@ -319,6 +327,9 @@ def bsr_linear(x: Tensor, W: BlockSparseWeight, bias: Optional[Tensor] = None, b
     ``backend``: "auto" | "torch" | "triton" | "cuda" (see ``sparsecore.backends``).
     """
     check(isinstance(W, BlockSparseWeight), "W", "a sparsecore.BlockSparseWeight", type(W).__name__)
+    check(bias is None or isinstance(bias, Tensor), "bias", "None or a torch.Tensor", type(bias).__name__)
+    check(backend in backends.CHOICES, "backend", f"one of {backends.CHOICES}", repr(backend))
+    check(activation in backends.ACTIVATIONS, "activation", f"one of {backends.ACTIVATIONS}", repr(activation))
     if not (isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] == W.shape[1]):
         fail("x", f"a tensor [..., {W.shape[1]}] (in_features of W)",
              f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__)

@@ -199,3 +199,52 @@ def test_more_bad_arguments(tmp_path):
             sc.load(torch.nn.Sequential(lin), path)
     with pytest.raises(SparseCoreError, match="model: expected a transformers PreTrainedModel"):
         sc.hf.save_pretrained(torch.nn.Sequential(), tmp_path)
+
+
+def test_from_dense_arguments_checked_against_the_linear():
+    lin = torch.nn.Linear(111, 59)
+    for weight, got in ((torch.randn(59, 110), "shape \\(59, 110\\)"), (torch.ones(59, 111, dtype=torch.int64), "int64"),
+                        ([[0.0]], "list")):
+        with pytest.raises(SparseCoreError, match=f"weight: expected .*\\(59, 111\\), got .*{got}"):
+            sc.SparseLinear.from_dense(lin, block=16, sparsity=0.5, weight=weight)
+    bm = sc.prune.block_mask(lin.weight.detach(), 32, 0.5)
+    with pytest.raises(SparseCoreError, match="block: expected None or the mask's block \\(32, 32\\)"):
+        sc.SparseLinear.from_dense(lin, block=16, mask=bm)
+    with pytest.raises(SparseCoreError, match="linear: expected an nn.Linear with data"):
+        sc.SparseLinear.from_dense(torch.nn.Linear(64, 32, device="meta"), block=32, sparsity=0.5)
+    with pytest.raises(SparseCoreError, match="mask: expected a tensor with data"):
+        sc.SparseLinear.from_dense(lin, block=32, mask=bm.mask.to("meta"))
+    with pytest.raises(SparseCoreError, match="balanced: expected a bool"):
+        sc.SparseLinear.from_dense(lin, block=32, sparsity=0.5, balanced="yes")
+    with pytest.raises(SparseCoreError, match="mask: expected a bool torch.Tensor, got ndarray"):
+        sc.BlockMask(bm.mask.numpy(), 32, (59, 111))
+
+
+def test_raw_op_rejects_what_the_format_rejects():
+    """Block sides outside BLOCK_SIDES and a block listed twice fail in the forward (not only
+    at backward(), and never summed)."""
+    from sparsecore.format import build_metadata
+
+    for side in (8, 17, 256):
+        m = build_metadata(torch.ones(1, 1, dtype=torch.bool))
+        with pytest.raises(SparseCoreError, match="values: expected blocks with sides in"):
+            torch.ops.sparsecore.bsr_linear(torch.randn(2, side), torch.randn(1, side, side), m["row_ptr"], m["col_idx"],
+                                            m["block_row"], m["col_ptr"], m["row_idx"], m["t_perm"], m["row_order"], side)
+        with pytest.raises(SparseCoreError, match="values: expected blocks with sides in"):
+            torch.ops.sparsecore.bsr_linear_grad_input(torch.randn(2, side), torch.randn(1, side, side), m["col_ptr"],
+                                                       m["row_idx"], m["t_perm"], side)
+    i32 = lambda *a: torch.tensor(a, dtype=torch.int32)  # noqa: E731
+    # block-row 0 lists block-column 0 twice
+    meta = dict(row_ptr=i32(0, 2), col_idx=i32(0, 0), block_row=i32(0, 0), col_ptr=i32(0, 2, 2), row_idx=i32(0, 0),
+                t_perm=i32(0, 1), row_order=i32(0))
+    with pytest.raises(SparseCoreError, match="col_idx: expected strictly increasing within each block-row"):
+        sc.ops.bsr_linear_tensors(torch.randn(3, 32), torch.randn(2, 16, 16), meta, 16)
+
+
+def test_wrapper_arguments():
+    W = _W()
+    x = torch.randn(3, 64)
+    for kwargs, name in (({"bias": [0.0] * 64}, "bias"), ({"bias": 1.0}, "bias"), ({"backend": None}, "backend"),
+                         ({"activation": None}, "activation"), ({"activation": "tanh"}, "activation")):
+        with pytest.raises(SparseCoreError, match=f"{name}: expected"):
+            sc.ops.bsr_linear(x, W, **kwargs)

@@ -469,3 +469,75 @@ def test_to_empty_from_meta_refuses_lost_structure_until_loaded():
     inside = sc.format.inside((40, 70), (16, 16), dst.block_row, dst.col_idx)
     assert bool((dst.values[~inside] == 0).all()) and float(dst.values.abs().max()) <= 70 ** -0.5
     assert_close(dst(x), oracle(x, dst.dense_weight(), dst.bias), torch.float64)
+
+
+def test_from_dense_keeps_the_linears_kind():
+    """dtype, training mode and requires_grad of the linear; a replacement weight is cast to
+    the layer's dtype; the block of a BlockMask is taken when none is given."""
+    lin = _lin().eval()
+    lin.weight.requires_grad_(False)
+    w64 = lin.weight.detach().double() * 2
+    sl = sc.SparseLinear.from_dense(lin, sparsity=0.5, weight=w64)
+    assert sl.values.dtype == torch.float32 and sl.bias.dtype == torch.float32 and sl.block == (64, 64)
+    assert not sl.training and not sl.values.requires_grad and sl.bias.requires_grad
+    mask = sl.block_mask().to_dense()
+    assert torch.equal(sl.dense_weight(), (w64 * mask).float())
+    bm = sc.prune.block_mask(lin.weight.detach(), (16, 32), 0.5)
+    assert sc.SparseLinear.from_dense(lin, mask=bm).block == (16, 32)
+
+
+def test_constructor_positional_device_dtype_as_nn_linear():
+    sl = sc.SparseLinear(48, 40, False, "cpu", torch.float64, block=16)
+    assert sl.values.dtype == torch.float64 and sl.bias is None
+
+
+def test_to_empty_on_a_real_layer_keeps_the_structure():
+    """to_empty() leaves the parameters uninitialized (as nn.Linear) but never the mask and the
+    metadata, which would index out of bounds: load the values and the layer is whole again."""
+    src = sc.SparseLinear.from_dense(_lin(n_in=111, n_out=59), block=16, sparsity=0.5)
+    dst = sc.SparseLinear.from_dense(_lin(n_in=111, n_out=59), block=16, sparsity=0.5)
+    meta = {k: v.clone() for k, v in dst._buffers.items()}
+    dst.to_empty(device="cpu")
+    assert all(torch.equal(dst._buffers[k], v) for k, v in meta.items())
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(5, 111)
+    assert_close(dst(x), oracle(x, src.dense_weight(), src.bias), torch.float32)
+
+
+def test_set_mask_moves_the_optimizer_state():
+    sl = sc.SparseLinear.from_dense(_lin(), block=32, sparsity=0.25)
+    opt = torch.optim.Adam(sl.parameters(), lr=1e-2)
+    sl(torch.randn(4, 96)).square().sum().backward()
+    opt.step()
+    old_mask, moments = sl.mask.clone(), opt.state[sl.values]["exp_avg"].clone()
+    new = sc.prune.block_mask(sl.dense_weight().detach(), 32, 0.5)
+    sl.set_mask(new, optimizer=opt)
+    state = opt.state[sl.values]
+    assert any(p is sl.values for p in opt.param_groups[0]["params"]) and state["exp_avg"].shape == sl.values.shape
+    kept_before = old_mask.nonzero().tolist()
+    for i, (r, c) in enumerate(new.mask.nonzero().tolist()):  # blocks kept in both keep their moments
+        assert torch.equal(state["exp_avg"][i], moments[kept_before.index([r, c])])
+    sl(torch.randn(4, 96)).square().sum().backward()
+    opt.step()  # shapes agree: no error
+
+
+@pytest.mark.parametrize("op", ["forward", "grad_input"])
+def test_nonfinite_input_under_a_pruned_block_never_reaches_the_output(op):
+    """A pruned block never reads x (dy for dX): the same row gives the same result in a
+    small batch (grouped path) and a large one (the CPU's dense fallback), and that result is
+    the oracle's with the pruned block's input columns ignored."""
+    sl = sc.SparseLinear.from_dense(_lin(n_in=64, n_out=64), block=32, mask=torch.tensor([[True, True], [True, False]]))
+    w = sl.dense_weight().detach()
+    for M in (3, 400):
+        if op == "forward":
+            x = torch.randn(M, 64)
+            x[0, 40] = float("inf")   # column block 1: kept by block-row 0, pruned in block-row 1
+            out = sl(x).detach()[0, 32:]
+            ref = oracle(x[:1, :32], w[32:, :32], sl.bias[32:])[0]
+        else:
+            dy = torch.randn(M, 64)
+            dy[0, 40] = float("nan")  # block-row 1: kept for block-column 0, pruned for block-column 1
+            out = torch.ops.sparsecore.bsr_linear_grad_input(dy, sl.values.detach(), sl.col_ptr, sl.row_idx,
+                                                             sl.t_perm, 64, "torch")[0, 32:]
+            ref = (dy[:1, :32].double() @ w[:32, 32:].double())[0]
+        assert_close(out, ref, torch.float32)

@@ -89,8 +89,11 @@ def _grouped_spmm(a: torch.Tensor, ptr, a_idx, b_blocks, out_blocks: int, out_si
 def _dense_is_faster(x, density: float) -> bool:
     """CPU cost model (2-core x86, fp32): the grouped GEMMs run ~4x slower per kept FLOP
     than one dense GEMM, and scattering W to dense costs about as much as a GEMM with
-    M ~ 190 rows. So at high density and many rows, materialize W and call F.linear."""
-    return x.device.type == "cpu" and 4.0 * density > 1.0 + 190.0 / max(1, x.shape[0])
+    M ~ 190 rows. So at high density and many rows, materialize W and call F.linear.
+    Only for finite ``x``: a pruned block never reads ``x`` (as in every kernel), so an inf
+    or NaN under it must not reach ``y`` through the dense zeros (inf * 0 = NaN)."""
+    return (x.device.type == "cpu" and 4.0 * density > 1.0 + 190.0 / max(1, x.shape[0])
+            and bool(torch.isfinite(x).all()))
 
 
 def forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation):

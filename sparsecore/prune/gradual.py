@@ -9,8 +9,8 @@ Every ``update_every`` steps each layer is re-pruned by block magnitude to ``s(t
 are zero, so they score lowest and never come back: masks only shrink.
 
 ``set_mask`` replaces the layer's ``values`` Parameter (its shape is ``[nnzb, BN, BK]``), so
-an optimizer holding the old one must be told: pass it to ``GradualPruner`` (or call
-``replace_in_optimizer``), which swaps the Parameter in the param groups and carries the
+an optimizer holding the old one must be told: pass it to ``GradualPruner`` (or to
+``set_mask``, which calls ``replace_in_optimizer``), which swaps the Parameter in the param groups and carries the
 per-parameter state (e.g. Adam moments) of the blocks that stay. Typical loop::
 
     pruner = GradualPruner(model, s0=0.0, s1=0.9, start=0, end=1000, update_every=100, optimizer=opt)
@@ -135,10 +135,8 @@ class GradualPruner:
             new = select_blocks(scores, sparsity, self.balanced) & old_mask  # nor comes back at a lower target
             if torch.equal(new, old_mask):
                 continue
-            old_values = layer.values
-            layer.set_mask(BlockMask(new, layer.block, (layer.out_features, layer.in_features)))
-            if self.optimizer is not None:
-                replace_in_optimizer(self.optimizer, old_values, layer.values, old_mask, new)
+            layer.set_mask(BlockMask(new, layer.block, (layer.out_features, layer.in_features)),
+                           optimizer=self.optimizer)
             changed = True
             log.debug("gradual: %s -> density %.3f", fqn, layer.density)
         self.sparsity = sparsity

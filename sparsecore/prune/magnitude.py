@@ -36,6 +36,7 @@ def block_scores(importance: torch.Tensor, block) -> torch.Tensor:
 
 def select_blocks(scores: torch.Tensor, sparsity: float, balanced: bool = False) -> torch.Tensor:
     """Bool ``[R, C]`` keeping the top-scoring blocks (see the module docstring)."""
+    check(isinstance(balanced, bool), "balanced", "a bool", repr(balanced))
     R, C = scores.shape
     density = 1.0 - sparsity
     flat_order = lambda s: torch.sort(s, dim=-1, descending=True, stable=True).indices

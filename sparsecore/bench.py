@@ -163,6 +163,8 @@ def _shape(t: str):
 
 def _block(t: str):
     parts = t.lower().split("x")
+    if len(parts) > 2:
+        raise ValueError(t)
     try:
         return normalize_block(int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1])))
     except SparseCoreError:
@@ -199,8 +201,8 @@ def make_config(args) -> Config:
     check(layers > 0, "--layers", "a positive int", layers)
     check(context > 0, "--context", "a positive int", context)
     check(args.threads is None or args.threads > 0, "--threads", "a positive int", args.threads)
-    check(args.warmup_ms >= 0, "--warmup-ms", "a time >= 0", args.warmup_ms)
-    check(args.rep_ms > 0, "--rep-ms", "a time > 0", args.rep_ms)
+    check(0 <= args.warmup_ms < math.inf, "--warmup-ms", "a finite time >= 0", args.warmup_ms)
+    check(0 < args.rep_ms < math.inf, "--rep-ms", "a finite time > 0", args.rep_ms)
     return Config(
         device=device, ops=_csv("--ops", pick("ops"), str, OPS),
         shapes=_csv("--shapes", pick("shapes"), _shape, what=f"NxK (positive) or names from {tuple(SHAPES)}"),

@@ -20,10 +20,11 @@ import fnmatch
 import logging
 import os
 
+import torch
 from torch import nn
 
 from . import io
-from .errors import SparseCoreError, check
+from .errors import SparseCoreError, check, fail
 from .sparsify import sparsify as _sparsify
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,26 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float | None = None, me
     return model
 
 
+def _check_no_dense_weights(path: str, arg: str) -> None:
+    """A sparse save must not land beside dense weights: stock loaders would read those instead."""
+    stale = [n for n in (DENSE_WEIGHTS_NAME, DENSE_WEIGHTS_NAME + ".index.json", "pytorch_model.bin",
+                         "pytorch_model.bin.index.json") if os.path.exists(os.path.join(path, n))]
+    check(not stale, arg, "a folder without dense weights (stock loaders would read them instead of ours; a "
+          "source model's would be mixed with its pruned copy)", f"{path!r} holding {stale[0] if stale else ''}")
+
+
 def save_pretrained(model: nn.Module, path, dense: bool = False) -> None:
     """Write ``config.json`` (+ ``sparsity_config``) and the weights to the folder ``path``.
 
     ``dense=True``: an ordinary dense ``model.safetensors`` (zeros where pruned) and a config
-    without ``sparsity_config``, for tools that know nothing of sparsecore.
+    without ``sparsity_config``, for tools that know nothing of sparsecore. A sparse save
+    refuses a folder that holds dense weights (``model.safetensors``, ``pytorch_model.bin``).
     """
     check(isinstance(model, nn.Module) and hasattr(getattr(model, "config", None), "save_pretrained"), "model",
           "a transformers PreTrainedModel", type(model).__name__)
     path = io._path(path)
+    if not dense:
+        _check_no_dense_weights(path, "path")
     os.makedirs(path, exist_ok=True)
     config = model.config
     config.architectures = [type(model).__name__]  # as transformers' save_pretrained
@@ -116,10 +128,21 @@ def from_pretrained(cls_or_auto, path, dtype=None, device=None) -> nn.Module:
     ...) or a concrete model class. The architecture comes from ``config.json``; its
     ``nn.Linear`` layers named in the checkpoint become ``SparseLinear`` and every tensor
     is loaded (validated first, see ``sparsecore.io.load``). ``dtype``: default each tensor's
-    dtype in the checkpoint (as ``dtype="auto"`` in transformers: fp32 modules of an fp16 model
-    stay fp32), else every floating tensor cast to it. Returned in eval mode.
+    dtype in the checkpoint (as ``dtype="auto"`` in transformers, which is accepted: fp32 modules
+    of an fp16 model stay fp32), else every floating tensor cast to it (a floating
+    ``torch.dtype`` or its name, "bfloat16"). Returned in eval mode.
     """
     from transformers import AutoConfig, PreTrainedModel
+
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, dtype)
+    dtype = None if dtype == "auto" else dtype
+    check(dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point, "dtype",
+          "None, 'auto' or a floating torch.dtype", repr(dtype))
+    try:
+        device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        fail("device", "None or a torch.device (or its name)", repr(device))
 
     path = io._path(path)
     check(os.path.isdir(path), "path", "a folder written by sparsecore.hf.save_pretrained", repr(path))
@@ -255,10 +278,7 @@ def _check_args(args) -> tuple[int, int]:
     check(args.calibration is None or args.method == "wanda" or args.reconstruct, "--calibration",
           "a file only with --method wanda or --reconstruct (nothing else reads it)", repr(args.calibration))
     check(not os.path.isfile(args.out), "out", "a folder (new or existing)", f"the file {args.out!r}")
-    stale = [n for n in (DENSE_WEIGHTS_NAME, DENSE_WEIGHTS_NAME + ".index.json", "pytorch_model.bin")
-             if os.path.exists(os.path.join(args.out, n))]
-    check(not stale, "out", "a folder without dense weights (the source's would be overwritten, or read by stock "
-          "loaders instead of ours)", f"{args.out!r} holding {stale[0] if stale else ''}")
+    _check_no_dense_weights(args.out, "out")
     return tuple(int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
 
 

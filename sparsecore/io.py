@@ -99,6 +99,8 @@ def _storable(state: dict[str, torch.Tensor], dedupe: bool):
     With ``dedupe``, tensors that are the same view of the same storage (tied weights) are
     stored once and returned in ``aliases`` (key -> stored key); else each is copied.
     """
+    on_meta = [key for key, t in state.items() if t.is_meta]
+    check(not on_meta, "model", "a model with data (nothing on the meta device)", f"{on_meta[:3]} on meta")
     out, aliases, seen, storages = {}, {}, {}, set()
     for key, t in state.items():
         t = _full(t.detach())
@@ -120,6 +122,8 @@ def _write(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> 
     from safetensors.torch import save_file
 
     path = _path(path)
+    check(os.path.isdir(os.path.dirname(os.path.abspath(path))) and not os.path.isdir(path), "path",
+          "a file path in an existing folder", repr(path))
     tmp = path + ".tmp"
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -142,6 +146,8 @@ def save(model: nn.Module, path) -> dict:
     writes. Returns the header metadata (decoded JSON values).
     """
     check(isinstance(model, nn.Module), "model", "an nn.Module", type(model).__name__)
+    for m in sparse_layers(model).values():
+        m._check_structure()  # a mask left uninitialized by to_empty() must not be written
     tensors, aliases = _storable(model.state_dict(), dedupe=True)
     info = {"layers": {fqn: _layer_meta(m) for fqn, m in sparse_layers(model).items()}, "aliases": aliases,
             "sha256": _digest(tensors)}
@@ -161,6 +167,8 @@ def to_dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     check(isinstance(model, nn.Module), "model", "an nn.Module", type(model).__name__)
     sparse = {(fqn + "." if fqn else ""): m for fqn, m in sparse_layers(model).items()}
+    for m in sparse.values():
+        m._check_structure()  # its metadata would index out of bounds
     out = {}
     for key, t in model.state_dict().items():
         prefix, _, name = key.rpartition(".")
@@ -284,6 +292,8 @@ def load(model_or_factory, path, strict: bool = True) -> nn.Module:
     swaps = {}
     for fqn, spec in info["layers"].items():
         module = modules.get(fqn)
+        if module is None and not strict:  # as load_state_dict: the file's extra keys are ignored
+            continue
         block, mask = _check_layer(fqn, spec, tensors, module)
         p = fqn + "." if fqn else ""
         ref = module.values if isinstance(module, SparseLinear) else module.weight

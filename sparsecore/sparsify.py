@@ -2,6 +2,7 @@
 ``densify(model)`` swaps them back."""
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from torch.nn.utils.prune import BasePruningMethod
 
 from . import backends, prune
-from .errors import check
+from .errors import check, fail
 from .format import normalize_block
 from .nn import SparseLinear
 
@@ -92,6 +93,11 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float | None = None, me
               "reconstruct, balanced or pruner options)", f"'nonzero' with {', '.join(given)}")
     else:
         sparsity = prune.check_sparsity(0.5 if sparsity is None else sparsity)
+        options = [n for n, p in inspect.signature(prune.plan).parameters.items() if p.kind is p.KEYWORD_ONLY]
+        unknown = sorted(set(method_kwargs) - set(options))
+        if unknown:
+            fail(unknown[0], f"a keyword of sparsify or of sparsecore.prune.plan ({', '.join(options)})",
+                 "an unknown keyword")
     for m in model.modules():  # torch.nn.utils.prune: `weight` as the next forward computes it (stale after a step)
         for hook in m._forward_pre_hooks.values():
             if isinstance(hook, BasePruningMethod):
@@ -109,8 +115,7 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float | None = None, me
         plans = prune.plan(model, targets, block=block, sparsity=sparsity, method=method, calibration=calibration,
                            reconstruct=reconstruct, balanced=balanced, **method_kwargs)
     for fqn, lin in targets:
-        new = SparseLinear.from_dense(lin, mask=plans[fqn], backend=backend)
-        new.train(lin.training)
+        new = SparseLinear.from_dense(lin, mask=plans[fqn], backend=backend)  # lin's mode and requires_grad
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         log.info("sparsify: %s -> block %s, density %.3f", fqn, block, new.density)

@@ -143,7 +143,8 @@ def test_flags_parse_and_reject(tmp_path):
     assert cfg.dtypes == (torch.float32, torch.bfloat16)
     assert cfg.providers == bench.CPU_PROVIDERS and cfg.decoder == "tiny"
     for flag, value in (("--blocks", "24"), ("--densities", "0"), ("--shapes", "12xa"), ("--ops", "conv"),
-                        ("--providers", "cusparse"), ("--tokens", "-1"), ("--threads", "0")):
+                        ("--providers", "cusparse"), ("--tokens", "-1"), ("--threads", "0"),
+                        ("--blocks", "32x32x32"), ("--warmup-ms", "inf"), ("--rep-ms", "nan")):
         with pytest.raises(sc.SparseCoreError, match=flag):
             bench.make_config(_parser().parse_args(["--device", "cpu", flag, value]))
 

@@ -99,6 +99,10 @@ def test_balanced_and_bad_arguments():
     with pytest.raises(sc.SparseCoreError, match="model"):
         GradualPruner(nn.Linear(4, 4), 0.0, 0.5, 0, 10)
     masks = [l.mask.clone() for l in model if isinstance(l, sc.SparseLinear)]
+    with pytest.raises(sc.SparseCoreError, match="sparsity: expected a number in"):
+        GradualPruner(model, 0.0, 0.5, 0, 10).apply(1.5)
+    assert all(torch.equal(l.mask, m) for l, m in zip((l for l in model if isinstance(l, sc.SparseLinear)), masks))
+    masks = [l.mask.clone() for l in model if isinstance(l, sc.SparseLinear)]
     partial = torch.optim.SGD([next(l.values for l in model if isinstance(l, sc.SparseLinear))], lr=0.1)
     pruner = GradualPruner(model, 0.0, 0.9, start=0, end=1, update_every=1, optimizer=partial)
     with pytest.raises(sc.SparseCoreError, match="optimizer: expected an optimizer holding every"):

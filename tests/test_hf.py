@@ -185,6 +185,16 @@ def test_from_pretrained_errors(tmp_path):
     schf.save_pretrained(model, tmp_path / "sp")
     with pytest.raises(sc.SparseCoreError, match="cls_or_auto"):
         schf.from_pretrained(nn.Linear, tmp_path / "sp")
+    for dtype in ("auto", "bfloat16"):  # transformers' spellings
+        loaded = schf.from_pretrained(AutoModel, tmp_path / "sp", dtype=dtype)
+        assert loaded.embeddings.word_embeddings.weight.dtype == (torch.float32 if dtype == "auto" else torch.bfloat16)
+    for kwargs in ({"dtype": torch.int32}, {"dtype": "half-ish"}, {"device": "gpu7"}):
+        with pytest.raises(sc.SparseCoreError, match=next(iter(kwargs))):
+            schf.from_pretrained(AutoModel, tmp_path / "sp", **kwargs)
+    # a sparse save beside dense weights (the source folder, an earlier dense export) is refused:
+    # stock loaders would read those stale weights instead
+    with pytest.raises(sc.SparseCoreError, match="path: expected a folder without dense weights"):
+        schf.save_pretrained(model, tmp_path / "plain")
     os.remove(tmp_path / "sp" / "sparsecore.safetensors")
     with pytest.raises(sc.SparseCoreError, match="sparsecore.safetensors"):
         schf.from_pretrained(AutoModel, tmp_path / "sp")

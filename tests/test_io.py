@@ -326,6 +326,20 @@ def test_other_bad_arguments(tmp_path):
         scio.load(lambda: "not a model", path)
     with pytest.raises(sc.SparseCoreError, match="model"):
         scio.save("not a model", path)
+    for where in (tmp_path / "no" / "such" / "dir.safetensors", tmp_path):
+        with pytest.raises(sc.SparseCoreError, match="path: expected a file path in an existing folder"):
+            scio.save(model, where)
+    with torch.device("meta"):
+        skeleton = Net()
+    for write in (scio.save, scio.export_dense):
+        with pytest.raises(sc.SparseCoreError, match="model: expected a model with data"):
+            write(skeleton, tmp_path / "meta.safetensors")
+    # after to_empty() from meta a layer's mask is uninitialized memory: never written, never indexed
+    blank = sc.SparseLinear(72, 200, block=(32, 16), mask=model.up.mask, device="meta")
+    blank.to_empty(device="cpu")
+    for write in (scio.save, scio.export_dense):
+        with pytest.raises(sc.SparseCoreError, match="mask: expected a block mask loaded"):
+            write(nn.Sequential(blank), tmp_path / "blank.safetensors")
     plain = tmp_path / "plain.safetensors"
     save_file({"a": torch.ones(2)}, str(plain))
     with pytest.raises(sc.SparseCoreError, match="written by sparsecore.io.save"):
@@ -341,6 +355,13 @@ def test_non_strict_load_keeps_missing_entries(tmp_path):
     before = target.norm.bias.detach().clone()
     scio.load(target, bad, strict=False)
     assert torch.equal(target.norm.bias, before) and torch.equal(target.up.values, model.up.values)
+    # a sparse layer of the file that the model lacks is ignored, as load_state_dict(strict=False) does
+    smaller = Net()
+    del smaller.down
+    scio.load(smaller, good, strict=False)
+    assert torch.equal(smaller.up.values, model.up.values) and not hasattr(smaller, "down")
+    with pytest.raises(sc.SparseCoreError, match="down"):
+        scio.load(smaller, good)
 
 
 def test_empty_layer_round_trip(tmp_path):

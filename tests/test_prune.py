@@ -143,6 +143,43 @@ def test_bad_arguments():
         sc.sparsify(mlp(), block=16, sparsity=0.5, method="wanda", calibration=[])
     with pytest.raises(sc.SparseCoreError, match="calibration"):
         sc.sparsify(mlp(), block=16, sparsity=0.5, method="wanda", calibration=torch.randn(4, 48))
+    with pytest.raises(sc.SparseCoreError, match="sparsty: expected a keyword of sparsify or of"):
+        sc.sparsify(mlp(), block=16, sparsty=0.9)
+    for s in (1.25, -0.5, math.nan):
+        with pytest.raises(sc.SparseCoreError, match="sparsity"):
+            sc.prune.select_blocks(torch.rand(4, 4), s)
+    # nothing selected: a warning and no change, whatever the allocation
+    model = mlp()
+    for allocation in ("uniform", "global"):
+        assert sc.sparsify(model, block=16, sparsity=0.5, allocation=allocation, filter_fn=lambda m, f: False) is model
+    assert not sparse_layers(model)
+
+
+def test_float64_weights_scored_in_float64():
+    """Magnitudes float32 cannot hold apart (squares underflow to 0) still pick the larger block."""
+    w = torch.ones(64, 64, dtype=torch.float64)
+    w[:32] *= 1e-30
+    w[32:] *= 2e-30
+    assert sc.prune.block_mask(w, 32, 0.5).mask.any(1).tolist() == [False, True]
+
+
+class KeywordCall(nn.Module):
+    """A model that calls its Linear layers by keyword (``lin(input=x)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(48, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.b(input=torch.relu(self.a(input=x)))
+
+
+@pytest.mark.parametrize("kwargs", [{"method": "wanda"}, {"reconstruct": True}])
+def test_calibration_sees_keyword_inputs(kwargs):
+    torch.manual_seed(0)
+    model = KeywordCall()
+    sc.sparsify(model, block=16, sparsity=0.5, calibration=calib(), **kwargs)
+    assert set(sparse_layers(model)) == {"a", "b"}
 
 
 def test_plan_restores_weights_on_error():

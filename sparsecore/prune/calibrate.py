@@ -94,7 +94,7 @@ class Collector:
             K, dev = lin.in_features, lin.weight.device
             gram = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=dev) if self.gram else None
             self.stats[fqn] = LayerStats(torch.zeros(K, dtype=torch.float64, device=dev), gram)
-            self._handles.append(lin.register_forward_pre_hook(self._hook(fqn)))
+            self._handles.append(lin.register_forward_pre_hook(self._hook(fqn), with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
@@ -108,8 +108,8 @@ class Collector:
         self._seen = set()
 
     def _hook(self, fqn):
-        def hook(module, args):
-            x = args[0]
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]  # nn.Linear.forward(input)
             if fqn not in self.input_key:
                 self.order.append(fqn)
                 self.input_key[fqn] = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))

@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import check
 from ..format import BlockMask
 from ..nn import SparseLinear
-from .magnitude import SCORES, block_scores, check_sparsity, select_blocks
+from .magnitude import SCORES, block_scores, check_sparsity, magnitude, select_blocks
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,7 @@ class GradualPruner:
         changed = False
         for fqn, layer in self.layers:
             old_mask = layer.mask.clone()
-            w = layer.dense_weight().detach()
-            imp = w.abs() if self.score == "l1" else w.float() ** 2
-            scores = block_scores(imp, layer.block).to(old_mask.device)
+            scores = block_scores(magnitude(layer.dense_weight(), self.score), layer.block).to(old_mask.device)
             scores[~old_mask] = -1.0  # a pruned block never wins, even against an all-zero kept block
             new = select_blocks(scores, sparsity, self.balanced) & old_mask  # nor comes back at a lower target
             if torch.equal(new, old_mask):

@@ -26,11 +26,22 @@ def check_sparsity(sparsity) -> float:
     return float(sparsity)
 
 
+def score_dtype(t: torch.Tensor) -> torch.dtype:
+    """Scores are float32, float64 for float64 weights (whose magnitudes float32 may not hold)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def magnitude(w: torch.Tensor, score: str = "l2") -> torch.Tensor:
+    """Element importance ``|w|`` ("l1") or ``w^2`` ("l2"), in ``score_dtype(w)``."""
+    w = w.detach().to(score_dtype(w))
+    return w.abs() if score == "l1" else w * w
+
+
 def block_scores(importance: torch.Tensor, block) -> torch.Tensor:
-    """Sum an element importance ``[N, K]`` (>= 0) over blocks -> float32 ``[R, C]``."""
+    """Sum an element importance ``[N, K]`` (>= 0) over blocks -> ``[R, C]`` (``score_dtype``)."""
     bn, bk = block
     R, C = grid_shape(importance.shape, block)
-    imp = pad_to_blocks(importance.float(), block)
+    imp = pad_to_blocks(importance.to(score_dtype(importance)), block)
     return imp.reshape(R, bn, C, bk).sum(dim=(1, 3))
 
 
@@ -38,7 +49,7 @@ def select_blocks(scores: torch.Tensor, sparsity: float, balanced: bool = False)
     """Bool ``[R, C]`` keeping the top-scoring blocks (see the module docstring)."""
     check(isinstance(balanced, bool), "balanced", "a bool", repr(balanced))
     R, C = scores.shape
-    density = 1.0 - sparsity
+    density = 1.0 - check_sparsity(sparsity)
     flat_order = lambda s: torch.sort(s, dim=-1, descending=True, stable=True).indices
     mask = torch.zeros(R, C, dtype=torch.bool, device=scores.device)
     if balanced:
@@ -71,7 +82,7 @@ def block_mask(w: torch.Tensor, block=(64, 64), sparsity: float = 0.5, score="l2
         imp = score
     else:
         check(score in SCORES, "score", f"one of {SCORES} or a tensor", repr(score))
-        imp = w.abs() if score == "l1" else w.float() ** 2
+        imp = magnitude(w, score)
     return BlockMask(select_blocks(block_scores(imp, block), sparsity, balanced), block, tuple(w.shape))
 
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..errors import check
 from ..format import normalize_block
 from . import calibrate, reconstruct as recon, wanda
-from .magnitude import block_mask, block_scores, check_sparsity
+from .magnitude import SCORES, block_mask, block_scores, check_sparsity, magnitude
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
     copies into the ``SparseLinear`` that replaces them; on error they are restored.
     """
     check(method in METHODS, "method", f"one of {METHODS}", repr(method))
-    check(score in wanda.SCORES, "score", f"one of {wanda.SCORES}", repr(score))
+    check(score in SCORES, "score", f"one of {SCORES}", repr(score))
     check(allocation in ALLOCATIONS or isinstance(allocation, dict), "allocation",
           f"one of {ALLOCATIONS} or a dict {{fqn: sparsity}}", repr(allocation))
     check(layer_block is None or isinstance(layer_block, dict) or callable(layer_block), "layer_block",
@@ -157,6 +157,8 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
         unknown = sorted(set(allocation) - set(layers))
         check(not unknown, "allocation", "fqns of layers being pruned", unknown[:3])
         sparsities.update({fqn: check_sparsity(s) for fqn, s in allocation.items()})
+    if not layers:  # nothing selected (sparsify logs it)
+        return {}
 
     with _eval_mode(model):  # calibration as inference: no dropout, BatchNorm statistics untouched
         batches = calibrate.as_batches(calibration) if needs_data else None
@@ -167,7 +169,7 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
             w = layers[fqn].weight.detach()
             if method == "wanda":
                 return wanda.importance(w, stats.sq_norm, score)
-            return w.abs().float() if score == "l1" else w.float() ** 2
+            return magnitude(w, score)
 
         if allocation == "sensitivity":
             check(first is not None, "allocation",

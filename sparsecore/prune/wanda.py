@@ -13,15 +13,15 @@ from __future__ import annotations
 import torch
 
 from ..errors import check
+from .magnitude import SCORES, score_dtype
 
-SCORES = ("l1", "l2")
 
 
 def importance(w: torch.Tensor, sq_norm: torch.Tensor, score: str = "l2") -> torch.Tensor:
-    """Element importance ``[N, K]`` float32 from ``w [N, K]`` and ``sq_norm [K]``."""
+    """Element importance ``[N, K]`` (``score_dtype(w)``) from ``w [N, K]`` and ``sq_norm [K]``."""
     check(score in SCORES, "score", f"one of {SCORES}", repr(score))
     check(sq_norm.shape == (w.shape[1],), "sq_norm", f"shape ({w.shape[1]},) (in_features)", tuple(sq_norm.shape))
     sq = sq_norm.to(device=w.device, dtype=torch.float64).clamp_min(0)
     wd = w.detach().double()
     imp = wd.abs() * sq.sqrt() if score == "l1" else wd * wd * sq
-    return imp.float()
+    return imp.to(score_dtype(w))

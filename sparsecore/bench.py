@@ -247,8 +247,9 @@ def _gen(device, seed):
 
 
 def packed_k(K: int, density: float) -> int:
-    """Columns the packed oracle keeps: density * K rounded to a multiple of 16 (>= 16, <= K)."""
-    return min(K, max(16, int(round(density * K / 16)) * 16))
+    """Columns the packed oracle keeps: density * K rounded to a multiple of 16 (>= 16, <= K);
+    all K at density 1."""
+    return K if density >= 1.0 else min(K, max(16, int(round(density * K / 16)) * 16))
 
 
 def two_four(w: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,7 @@ def test_structures_keep_what_they_claim():
     # the kept two are the two largest magnitudes of each group
     assert torch.equal(kept.abs().sum(-1), groups.abs().topk(2, dim=-1).values.sum(-1))
     assert bench.packed_k(4096, 0.1) == 416 and bench.packed_k(96, 0.01) == 16 and bench.packed_k(96, 1.0) == 96
+    assert bench.packed_k(70, 1.0) == 70  # not rounded down to 64: the oracle at density 1 is dense
 
 
 def test_cpu_timer_quantiles_order():

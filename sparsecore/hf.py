@@ -279,6 +279,12 @@ def _check_args(args) -> tuple[int, int]:
           "a file only with --method wanda or --reconstruct (nothing else reads it)", repr(args.calibration))
     check(not os.path.isfile(args.out), "out", "a folder (new or existing)", f"the file {args.out!r}")
     _check_no_dense_weights(args.out, "out")
+    try:  # before the slow part: a folder we cannot write fails now
+        os.makedirs(args.out, exist_ok=True)
+        writable = os.access(args.out, os.W_OK)
+    except OSError:
+        writable = False
+    check(writable, "out", "a folder that can be written", repr(args.out))
     return tuple(int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
 
 

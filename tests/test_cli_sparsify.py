@@ -111,10 +111,12 @@ def _word_tokenizer(src, special=True):
     (["--calibration", "text.txt"], "--calibration"),  # was ignored by magnitude without --reconstruct
     (["OUT=SRC"], "out"),                       # was: the source's config.json overwritten, rc 0
     (["OUT=FILE"], "out"),
+    (["OUT=UNDER_FILE"], "out"),                # was: found only when saving, after the pruning
 ])
 def test_bad_flags_exit_2_before_loading(tmp_path, capsys, monkeypatch, argv, flag):
     _, src = _source(tmp_path)
-    out = {"OUT=SRC": src, "OUT=FILE": os.path.join(src, "config.json")}.get(argv[0], str(tmp_path / "out"))
+    out = {"OUT=SRC": src, "OUT=FILE": os.path.join(src, "config.json"),
+           "OUT=UNDER_FILE": os.path.join(src, "config.json", "out")}.get(argv[0], str(tmp_path / "out"))
     argv = [a for a in argv if not a.startswith("OUT=")]
     before = open(os.path.join(src, "config.json")).read()
     monkeypatch.setattr(schf, "_load_source", lambda *a: pytest.fail("flags are checked before the model loads"))

@@ -4,7 +4,7 @@ Sparsity at training step ``t`` (held at ``s0`` before ``start`` and at ``s1`` a
 
     s(t) = s1 + (s0 - s1) * (1 - (t - start) / (end - start))^3
 
-Every ``update_every`` steps each layer is re-pruned by block magnitude to ``s(t)``
+Every ``update_every`` steps from ``start`` (and at ``end``) each layer is re-pruned by block magnitude to ``s(t)``
 (``SparseLinear.set_mask``: metadata rebuilt once per update, not per step). Pruned blocks
 are zero, so they score lowest and never come back: masks only shrink.
 
@@ -113,7 +113,7 @@ class GradualPruner:
         """Advance one training step; on update steps re-prune. True when masks changed."""
         t = self.step_count
         self.step_count += 1
-        due = t % self.update_every == 0 or t == self.end
+        due = (t - self.start) % self.update_every == 0 or t == self.end  # start, start + update_every, ...
         if not due or t < self.start or t > self.end:
             return False
         return self.apply(self.target(t))

@@ -90,9 +90,11 @@ def test_global_allocation_total_and_spread(method):
         model[2].weight.mul_(50.0)  # one layer's scores dominate in absolute terms...
     sc.sparsify(model, block=16, sparsity=0.6, method=method, calibration=calib(), allocation="global")
     layers = sparse_layers(model)
-    kept = sum(int(m.mask.sum()) for m in layers.values())
-    total = sum(m.mask.numel() for m in layers.values())
-    assert kept == math.floor(0.4 * total + 0.5)
+    # 40% of the weights (the last layer's 40 rows pad its last block-row of 16x16 blocks to 8 rows)
+    kept = sum(int(sc.prune.block_areas((m.out_features, m.in_features), m.block)[m.mask].sum())
+               for m in layers.values())
+    total = sum(m.out_features * m.in_features for m in layers.values())
+    assert abs(kept - 0.4 * total) <= 16 * 16 / 2
     # ...but scores are normalised per layer, so no layer is wiped out or left dense by scale
     assert all(0.0 < m.density < 1.0 for m in layers.values())
 
@@ -106,6 +108,22 @@ def test_global_allocation_prefers_concentrated_layer():
     assert s == {"a": 0.75, "b": 0.75}
     s = sc.prune.global_allocation({"a": flat, "b": peaked}, {"a": 256, "b": 256}, 0.875)
     assert s == {"a": 1.0, "b": 0.75}
+
+
+def test_global_allocation_counts_real_weights_not_padding():
+    """A layer padded to large blocks weighs what it holds: 10x96 in one 128x128 block is 960
+    weights, not 16384 (which alone would exceed a 50% budget of the rest)."""
+    areas = sc.prune.block_areas((10, 96), (128, 128))
+    assert areas.tolist() == [[960]]
+    big = sc.prune.block_areas((70, 100), (32, 64))
+    assert big.tolist() == [[2048, 1152], [2048, 1152], [384, 216]] and int(big.sum()) == 7000
+    a = torch.ones(4, 4)
+    a[0, :2] = 10.0  # two blocks of a rank above the head's one, the rest below it
+    scores = {"a": a, "head": torch.ones(1, 1)}
+    # 25% of 16384 + 960 weights: a's top two blocks, the head's 960, one more of a (1024)
+    assert sc.prune.global_allocation(scores, {"a": 1024, "head": areas}, 0.75) == {"a": 1 - 3 / 16, "head": 0.0}
+    # counted as 16384 padded weights, the head would not fit (and end the list)
+    assert sc.prune.global_allocation(scores, {"a": 1024, "head": 16384}, 0.75) == {"a": 1 - 2 / 16, "head": 1.0}
 
 
 def test_calibration_skips_padded_tokens():

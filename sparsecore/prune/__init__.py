@@ -13,13 +13,13 @@ refitted weights) for the layers that ``sparsecore.sparsify`` swaps.
     report       predicted speedup per layer from a benchmark CSV; dense fallback
 """
 from ..format import BlockMask
-from .magnitude import block_mask, block_scores, check_sparsity, nonzero_mask, select_blocks
+from .magnitude import block_areas, block_mask, block_scores, check_sparsity, nonzero_mask, select_blocks
 from .oneshot import ALLOCATIONS, METHODS, global_allocation, plan, sensitivity_allocation
 from .reconstruct import output_error, refit
 from .wanda import importance as wanda_importance
 from .gradual import GradualPruner, cubic_sparsity, replace_in_optimizer  # noqa: E402 (imports ..nn)
 from .report import layer_report, predict_speedup, sparse_filter
 
-__all__ = ["BlockMask", "block_mask", "nonzero_mask", "block_scores", "select_blocks", "check_sparsity", "plan", "METHODS",
+__all__ = ["BlockMask", "block_mask", "nonzero_mask", "block_areas", "block_scores", "select_blocks", "check_sparsity", "plan", "METHODS",
            "ALLOCATIONS", "global_allocation", "sensitivity_allocation", "refit", "output_error", "wanda_importance", "GradualPruner",
            "cubic_sparsity", "replace_in_optimizer", "layer_report", "predict_speedup", "sparse_filter"]

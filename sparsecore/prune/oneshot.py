@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..errors import check
 from ..format import normalize_block
 from . import calibrate, reconstruct as recon, wanda
-from .magnitude import SCORES, block_mask, block_scores, check_sparsity, magnitude
+from .magnitude import SCORES, block_areas, block_mask, block_scores, check_sparsity, magnitude
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def _layer_blocks(targets, block, layer_block) -> dict:
 def global_allocation(scores: dict, areas: dict, sparsity: float) -> dict:
     """Per-layer sparsity from one threshold over normalised block scores.
 
-    ``scores``: {fqn: float ``[R, C]`` block scores}; ``areas``: {fqn: BN*BK}. Each layer's scores
+    ``scores``: {fqn: float ``[R, C]`` block scores}; ``areas``: {fqn: weights per block, an int
+    (BN*BK) or ``[R, C]`` (``block_areas``: padded edge blocks hold fewer)}. Each layer's scores
     are divided by its mean block score; blocks are kept in descending order while the kept
     area is <= ``(1 - sparsity) * total area`` + half a block (ties: layer order, then index).
     """
@@ -73,7 +74,8 @@ def global_allocation(scores: dict, areas: dict, sparsity: float) -> dict:
         s = scores[fqn].double().reshape(-1)
         mean = float(s.mean())
         norm.append(s / mean if mean > 0 else torch.ones_like(s))
-        area.append(torch.full_like(s, float(areas[fqn])))
+        a = areas[fqn]
+        area.append(a.to(s).reshape(-1) if isinstance(a, torch.Tensor) else torch.full_like(s, float(a)))
         owner.append(torch.full((s.numel(),), i, dtype=torch.long))
     norm, area, owner = torch.cat(norm), torch.cat(area), torch.cat(owner)
     order = torch.sort(norm, descending=True, stable=True).indices
@@ -189,7 +191,8 @@ def plan(model, targets, *, block, sparsity, method="magnitude", calibration=Non
             log.info("sensitivity allocation: %s", ", ".join(f"{f}={v:.2f}" for f, v in sparsities.items()))
         if allocation == "global":
             scores = {f: block_scores(importance(f, first.stats[f] if first else None), blocks[f]) for f in layers}
-            sparsities = global_allocation(scores, {f: blocks[f][0] * blocks[f][1] for f in layers}, sparsity)
+            areas = {f: block_areas(tuple(layers[f].weight.shape), blocks[f]) for f in layers}
+            sparsities = global_allocation(scores, areas, sparsity)
 
         originals = {f: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
                      for f, lin in layers.items()}

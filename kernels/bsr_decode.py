@@ -51,7 +51,7 @@ def bsr_decode_partial_kernel(
         acc = row_segment(x_rows, m_ok, values, col_idx, i, stop, K, BM, BN, BK, G, DOT_F32, False)
         slot = (pid + r).to(tl.int64)
         tl.store(ws + (slot * M + offs_m[:, None]) * BN + offs_n[None, :], acc, mask=m_ok[:, None])
-        i = stop
+        i = tl.maximum(stop, i + 1)  # = stop for valid metadata; a bad row_ptr must not loop forever
 
 
 @triton.jit

@@ -71,8 +71,8 @@ def bsr_dw(dy, x, block_row, col_idx, block, *, config: dict, programs: int, wra
     K = x.shape[1]
     nnzb = col_idx.numel()
     BM = config["BM"]
-    if nnzb == 0:
-        return dy.new_empty(0, BN, BK)
+    if nnzb == 0 or M == 0:  # no blocks, or no rows to reduce over: dV = 0
+        return dy.new_zeros(nnzb, BN, BK)
     tiles = triton.cdiv(M, BM)
     splits = max(1, min(tiles, triton.cdiv(programs, nnzb)))
     m_per_split = triton.cdiv(tiles, splits) * BM

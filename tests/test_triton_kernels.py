@@ -343,6 +343,37 @@ def test_direct_calls_reject_bad_input():
         tb.grad_input(x[0].half(), W.values, W.col_ptr, W.row_idx, W.t_perm, W.shape[1])
     with pytest.raises(sc.SparseCoreError, match="^x: expected"):
         tb.grad_weight(x.half(), x.half()[:1], W.block_row, W.col_idx, W.block)
+    # shapes the metadata does not describe (were: uninitialized output columns)
+    xh = x.half()
+    with pytest.raises(sc.SparseCoreError, match="^row_ptr: expected int32"):
+        tb.forward(xh, W.values, W.row_ptr, W.col_idx, W.block_row, W.row_order, W.shape[0] + 16, None, "none")
+    with pytest.raises(sc.SparseCoreError, match="^bias: expected"):
+        tb.forward(xh, W.values, W.row_ptr, W.col_idx, W.block_row, W.row_order, W.shape[0],
+                   torch.zeros(W.shape[0] - 1, dtype=torch.float16, device=DEVICE), "none")
+    with pytest.raises(sc.SparseCoreError, match="^col_ptr: expected int32"):
+        tb.grad_input(xh[:, :W.shape[0]], W.values, W.col_ptr, W.row_idx, W.t_perm, W.shape[1] + 16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [3, 130])  # decode and prefill kernels
+def test_backend_functions_take_strided_values_and_metadata(M):
+    """Called directly (as other libraries call the registered ops), views with other strides
+    are made contiguous, not read as if they were (was: wrong results, a decode loop that never
+    ended); dW over zero rows is zeros."""
+    W, g = make((16, 32), torch.float32)
+    N, K = W.shape
+    values = W.values.transpose(1, 2).contiguous().transpose(1, 2)
+    meta = {k: torch.stack([t, torch.zeros_like(t)], 1)[:, 0] for k, t in W.meta.items()}
+    x, dy = rand(g, M, K, dtype=torch.float32), rand(g, M, N, dtype=torch.float32)
+    t = tol(torch.float32)
+    y = tb.forward(x, values, meta["row_ptr"], meta["col_idx"], meta["block_row"], meta["row_order"], N, None, "none")
+    assert_close(y, oracle(x, W.to_dense()), torch.float32, t)
+    dx = tb.grad_input(dy, values, meta["col_ptr"], meta["row_idx"], meta["t_perm"], K)
+    assert_close(dx, dy.double() @ W.to_dense().double(), torch.float32, t)
+    dv = tb.grad_weight(dy, x, meta["block_row"], meta["col_idx"], W.block)
+    assert_close(dv, kept(dy.double().T @ x.double(), W), torch.float32, t)
+    none = tb.grad_weight(dy[:0], x[:0], W.block_row, W.col_idx, W.block)
+    assert none.shape == W.values.shape and not none.any()
 
 
 def test_unavailable_on_cpu_without_interpreter(monkeypatch):

@@ -65,18 +65,31 @@ def _rowmajor(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check(name, t, values):
-    """What the kernels need, for callers of the triton ops that skip the public op."""
+def _check(name, t, values, n, k, **meta):
+    """What the kernels need, for callers of the triton ops that skip the public op: ``t`` 2-D
+    of the kernels' dtypes, metadata of the lengths ``[n, k]`` in blocks asks for (``ops``'
+    checks; None: ``t``'s columns). Returns ``values`` and ``meta`` contiguous (the kernels
+    index them so)."""
+    from ..ops import _check_meta  # ops imports the backends
+
     check(t.dim() == 2, name, "a 2-D tensor", f"shape {tuple(t.shape)}")
     check(supports(t, values), name,
           f"a CUDA tensor (CPU only with TRITON_INTERPRET=1) of dtype {DTYPES} matching values, values "
           f"[nnzb, BN, BK] with sides in {BLOCK_SIDES}", f"{t.dtype} on {t.device}, values "
           f"{values.dtype} {tuple(values.shape)}")
+    n, k = (t.shape[1] if n is None else n), (t.shape[1] if k is None else k)
+    _check_meta(values.shape[0], tuple(values.shape[1:]), n, k, t.device, **meta)
+    return values.contiguous(), [m.contiguous() for m in meta.values()]
 
 
 # -- launches shared by the triton_ops (wrap=wrap_triton) and the CPU interpreter (wrap=None)
 def _forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bias, activation, wrap=None):
-    _check("x", x, values)
+    values, (row_ptr, col_idx, block_row, row_order) = _check(
+        "x", x, values, out_features, None, row_ptr=row_ptr, col_idx=col_idx, block_row=block_row,
+        row_order=row_order)
+    check(bias is None or bias.shape == (out_features,) and bias.dtype == x.dtype and bias.device == x.device,
+          "bias", f"None or {x.dtype} ({out_features},) on {x.device}",
+          f"{bias.dtype} {tuple(bias.shape)} on {bias.device}" if bias is not None else None)
     x = _rowmajor(x)
     bias = bias.contiguous() if bias is not None else None
     M, K = x.shape
@@ -92,7 +105,8 @@ def _forward(x, values, row_ptr, col_idx, block_row, row_order, out_features, bi
 
 
 def _grad_input(dy, values, col_ptr, row_idx, t_perm, in_features, wrap=None):
-    _check("dy", dy, values)
+    values, (col_ptr, row_idx, t_perm) = _check("dy", dy, values, None, in_features, col_ptr=col_ptr,
+                                                row_idx=row_idx, t_perm=t_perm)
     dy = _rowmajor(dy)
     cfg = configs.select("dx", dy.dtype, tuple(values.shape[1:]), dy.shape[0], dy.shape[1], in_features,
                          dy.device)
@@ -100,9 +114,10 @@ def _grad_input(dy, values, col_ptr, row_idx, t_perm, in_features, wrap=None):
 
 
 def _grad_weight(dy, x, block_row, col_idx, block, wrap=None):
-    _check("dy", dy, dy.new_empty(0, *block))
-    check(x.dtype == dy.dtype and x.device == dy.device and x.shape[0] == dy.shape[0], "x",
-          f"{dy.dtype} on {dy.device} with {dy.shape[0]} rows (as dy)", f"{x.dtype} on {x.device}, {tuple(x.shape)}")
+    _, (block_row, col_idx) = _check("dy", dy, dy.new_empty(col_idx.numel(), *block), None,
+                                     x.shape[1] if x.dim() == 2 else 0, block_row=block_row, col_idx=col_idx)
+    check(x.dim() == 2 and x.dtype == dy.dtype and x.device == dy.device and x.shape[0] == dy.shape[0], "x",
+          f"2-D, {dy.dtype} on {dy.device} with {dy.shape[0]} rows (as dy)", f"{x.dtype} on {x.device}, {tuple(x.shape)}")
     dy, x = _rowmajor(dy), _rowmajor(x)
     cfg = configs.select("dw", dy.dtype, block, dy.shape[0], dy.shape[1], x.shape[1], dy.device)
     programs = cfg["PROGRAMS_PER_SM"] * configs.sm_count(dy.device)

@@ -239,12 +239,26 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   return y;
 }
 
+// Whether every size is a plain number. Traced with dynamic shapes (torch.compile, make_fx)
+// they are symbolic: the meta kernels then skip the checks that read sizes (the real call
+// runs them) instead of failing the trace.
+bool concrete(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts) {
+    for (const c10::SymInt& s : t->sym_sizes()) {
+      if (!s.maybe_as_int()) return false;
+    }
+  }
+  return true;
+}
+
 // Fake/meta kernel: same checks that need no data, output [M, out_features].
 Tensor bsr_linear_meta(const Tensor& x, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                        const Tensor& block_row, const Tensor& row_order, c10::SymInt out_features,
                        const c10::optional<Tensor>& bias, c10::string_view activation, c10::string_view kernel) {
-  check_inputs(x, values, row_ptr, col_idx, block_row, row_order, out_features.maybe_as_int(), bias, activation,
-               kernel);
+  if (concrete({&x, &values, &row_ptr, &col_idx, &block_row, &row_order}) && (!bias || concrete({&*bias}))) {
+    check_inputs(x, values, row_ptr, col_idx, block_row, row_order, out_features.maybe_as_int(), bias, activation,
+                 kernel);
+  }
   return at::empty_symint({x.sym_size(0), out_features}, x.options());
 }
 
@@ -315,7 +329,9 @@ Tensor grad_input_cuda(const Tensor& dy, const Tensor& values, const Tensor& col
 
 Tensor grad_input_meta(const Tensor& dy, const Tensor& values, const Tensor& col_ptr, const Tensor& row_idx,
                        const Tensor& t_perm, c10::SymInt in_features) {
-  check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features.maybe_as_int());
+  if (concrete({&dy, &values, &col_ptr, &row_idx, &t_perm})) {
+    check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features.maybe_as_int());
+  }
   return at::empty_symint({dy.sym_size(0), in_features}, dy.options());
 }
 
@@ -382,7 +398,9 @@ Tensor grad_weight_cuda(const Tensor& dy, const Tensor& x, const Tensor& block_r
 
 Tensor grad_weight_meta(const Tensor& dy, const Tensor& x, const Tensor& block_row, const Tensor& col_idx,
                         c10::SymInt block_n, c10::SymInt block_k) {
-  check_grad_weight(dy, x, block_row, col_idx, block_n.maybe_as_int(), block_k.maybe_as_int());
+  if (concrete({&dy, &x, &block_row, &col_idx})) {
+    check_grad_weight(dy, x, block_row, col_idx, block_n.maybe_as_int(), block_k.maybe_as_int());
+  }
   return at::empty_symint({col_idx.sym_size(0), block_n, block_k}, dy.options());
 }
 

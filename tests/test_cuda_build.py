@@ -219,6 +219,31 @@ def test_meta_kernels_of_the_backward():
             call()
 
 
+@needs_build
+def test_meta_kernels_trace_with_symbolic_sizes():
+    """make_fx with dynamic shapes (as torch.compile with another M or nnzb) traces all three
+    ops: sizes are symbolic there, so the size checks wait for the real call."""
+    import sparsecore._C  # noqa: F401
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ops = torch.ops.sparsecore
+    meta = lambda *shape, dtype=torch.float16: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+    i32 = lambda n: meta(n, dtype=torch.int32)  # noqa: E731
+    x, dy, v = meta(8, 64), meta(8, 64), meta(5, 16, 32)
+    cases = [
+        (lambda x, v, rp, ci, br, ro: ops.cuda_bsr_linear(x, v, rp, ci, br, ro, 64), (x, v, i32(5), i32(5), i32(5), i32(4)),
+         (8, 64)),
+        (lambda dy, v, cp, ri, tp: ops.cuda_bsr_linear_grad_input(dy, v, cp, ri, tp, 64), (dy, v, i32(3), i32(5), i32(5)),
+         (8, 64)),
+        (lambda dy, x, br, ci: ops.cuda_bsr_linear_grad_weight(dy, x, br, ci, 16, 32), (dy, x, i32(5), i32(5)),
+         (5, 16, 32)),
+    ]
+    for fn, args, shape in cases:
+        out = [n for n in make_fx(fn, tracing_mode="symbolic")(*args).graph.nodes if n.op == "call_function"][-1]
+        assert len(out.meta["val"].shape) == len(shape)
+        assert tuple(make_fx(fn, tracing_mode="real")(*args)(*args).shape) == shape
+
+
 # -- the compiled kernels ----------------------------------------------------------------
 @needs_build
 def test_no_register_spills():

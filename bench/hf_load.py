@@ -4,8 +4,9 @@
 
 Saves a Llama-shaped model (0.62 B dense parameters, bf16, every Linear but the LM head 90%
 block-sparse at 64x64), then loads it in fresh processes two ways and prints one CSV row each:
-``meta`` is ``sparsecore.hf.from_pretrained`` (parameters built on the meta device, the file's
-tensors assigned), ``dense-first`` builds the dense model (random init) and loads into it.
+``meta`` is ``sparsecore.hf.from_pretrained(..., dtype=torch.bfloat16)`` (parameters built on
+the meta device, the file's tensors assigned; the dtype casts the RoPE table ``inv_freq``, which
+is computed, not stored, as ``.to(torch.bfloat16)`` did to the saved model), ``dense-first`` builds the dense model (random init) and loads into it.
 Both must give logits bitwise equal to the saved model's.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 how, d = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()
 if how == "meta":
-    m = schf.from_pretrained(AutoModelForCausalLM, d)
+    m = schf.from_pretrained(AutoModelForCausalLM, d, dtype=torch.bfloat16)
 else:
     cfg = AutoConfig.from_pretrained(d)
     m = scio.load(lambda: AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), d + "/sparsecore.safetensors")

@@ -1,6 +1,6 @@
 """Microbenchmarks: every provider side by side, each checked against float64 before it is timed.
 
-    sparsecore bench --quick --out out/         # a few minutes on an H100 (bf16)
+    sparsecore bench --quick --out out/         # bf16 on a GPU (estimated a few minutes on an H100)
     sparsecore bench --ops fwd --shapes 4096 --tokens 256 --densities 0.1 --blocks 32,64
 
 Without a GPU the same command benchmarks the CPU path (fp32, small shapes) and says so.
@@ -58,7 +58,7 @@ from .prune.magnitude import select_blocks
 
 log = logging.getLogger("sparsecore.bench")
 
-# CSV columns: DESIGN.md's, in order (other tools parse them); extras only at the end.
+# CSV columns (bench/README.md), in order (other tools parse them); extras only at the end.
 CSV_COLUMNS = ("gpu", "torch", "triton", "cuda", "commit", "op", "provider", "dtype", "M", "N", "K",
                "block_n", "block_k", "density", "ms_p50", "ms_p20", "ms_p80", "tflops",
                "speedup_vs_dense", "pct_of_ideal", "eff_vs_oracle")
@@ -76,7 +76,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 REL_TOL = {torch.float32: 5e-3, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 OP_DEPTH = {"fwd": 1, "bwd": 1, "mlp": 2, "decoder": 4}
 
-# Named shapes (N, K) = (out_features, in_features), from DESIGN.md.
+# Named shapes (N, K) = (out_features, in_features) of the speed targets (bench/README.md).
 SHAPES = {
     "4096": (4096, 4096), "8192": (8192, 8192),                      # also Llama-3-8B q/o proj
     "llama3-8b-up": (14336, 4096), "llama3-8b-down": (4096, 14336), "llama3-8b-kv": (1024, 4096),
@@ -216,8 +216,8 @@ def make_config(args) -> Config:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="small preset (default): a few minutes on an H100")
-    g.add_argument("--full", action="store_true", help="every shape, token count, density and block of DESIGN.md")
+    g.add_argument("--quick", action="store_true", help="small preset (default; estimated a few minutes on an H100)")
+    g.add_argument("--full", action="store_true", help="every shape, token count, density and block size")
     p.add_argument("--ops", help=f"comma list of {OPS}")
     p.add_argument("--shapes", help=f"comma list of NxK or names {tuple(SHAPES)}")
     p.add_argument("--tokens", help="comma list of M (tokens / rows of x)")
@@ -1179,7 +1179,7 @@ def load_csv(path) -> list:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         check(reader.fieldnames and set(CSV_COLUMNS) <= set(reader.fieldnames), "--report",
-              "a bench.csv with the columns of DESIGN.md", f"{path} with {reader.fieldnames}")
+              "a bench.csv with sparsecore bench's columns", f"{path} with {reader.fieldnames}")
         rows = list(reader)
     for r in rows:
         for k in INT_FIELDS + FLOAT_FIELDS:

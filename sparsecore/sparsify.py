@@ -118,7 +118,7 @@ def sparsify(model: nn.Module, block=(64, 64), sparsity: float | None = None, me
         new = SparseLinear.from_dense(lin, mask=plans[fqn], backend=backend)  # lin's mode and requires_grad
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        log.info("sparsify: %s -> block %s, density %.3f", fqn, block, new.density)
+        log.info("sparsify: %s -> block %s, density %.3f", fqn, new.block, new.density)
     return model
 
 

@@ -1,4 +1,4 @@
-"""The benchmark harness on the CPU: runs end to end, writes DESIGN.md's CSV, and refuses
+"""The benchmark harness on the CPU: runs end to end, writes the documented CSV, and refuses
 to time a wrong result."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sparsecore as sc
 from sparsecore import bench, cli
 from sparsecore.backends import reference
 
-# DESIGN.md "Measuring speed": these columns, in this order (extras only after them).
+# bench/README.md: these columns, in this order (extras only after them).
 DESIGN_COLUMNS = ["gpu", "torch", "triton", "cuda", "commit", "op", "provider", "dtype", "M", "N", "K", "block_n",
                   "block_k", "density", "ms_p50", "ms_p20", "ms_p80", "tflops", "speedup_vs_dense", "pct_of_ideal",
                   "eff_vs_oracle"]

@@ -243,6 +243,9 @@ def test_speedup_report_and_dense_fallback(tmp_path):
     assert type(model[0]) is nn.Linear and isinstance(model[1], sc.SparseLinear)
     with pytest.raises(sc.SparseCoreError, match="csv_path"):
         sc.prune.report.load_bench(tmp_path / "missing.csv")
+    # a dtype (or op) the CSV has no rows of would predict nothing for every layer: refused
+    with pytest.raises(sc.SparseCoreError, match="dtype: expected one the CSV has rows of for op 'fwd': \\['bf16'\\]"):
+        sc.prune.layer_report(model, block=64, sparsity=0.5, csv_path=path, dtype="fp32")
 
 
 def test_sensitivity_allocation_budget_and_order():

@@ -1,6 +1,6 @@
 """Predicted speedup per layer from a benchmark CSV, and the dense fallback it implies.
 
-The CSV is ``bench/``'s (columns in DESIGN.md: ``op, provider, dtype, M, N, K, block_n,
+The CSV is ``bench/``'s (columns as bench/README.md lists them: ``op, provider, dtype, M, N, K, block_n,
 block_k, density, ..., speedup_vs_dense, ...``). For a layer ``W [N, K]`` pruned to
 ``density`` with blocks ``(BN, BK)`` at ``M`` tokens, the prediction is the row of a
 sparsecore provider nearest in::
@@ -11,7 +11,7 @@ among rows with the same ``op`` and ``dtype`` ("bf16", "fp16", "fp32"; torch dty
 taking the best sparsecore provider at that point. A
 layer whose predicted speedup is below ``min_speedup`` is better left dense::
 
-    rows = layer_report(model, block=(32, 32), sparsity=0.7, csv_path="bench/results/h100.csv")
+    rows = layer_report(model, block=(32, 32), sparsity=0.7, csv_path="out/bench.csv")  # sparsecore bench on this GPU
     sc.sparsify(model, block=(32, 32), sparsity=0.7, filter_fn=sparse_filter(rows))
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def load_bench(csv_path) -> list[dict]:
                 continue
             if r["provider"] in PROVIDERS and r["density"] > 0 and r["speedup_vs_dense"] > 0:
                 rows.append(r)
-    check(bool(rows), "csv_path", f"a CSV with rows of providers {PROVIDERS} (DESIGN.md columns)", str(path))
+    check(bool(rows), "csv_path", f"a CSV with rows of providers {PROVIDERS} (sparsecore bench's columns)", str(path))
     return rows
 
 
@@ -84,6 +84,8 @@ def layer_report(model: nn.Module, block, sparsity, csv_path, tokens: int = 2048
     from ..nn import SparseLinear
 
     bench = load_bench(csv_path)
+    have = sorted({dtype_name(r.get("dtype")) for r in bench if r.get("op") == op})
+    check(dtype_name(dtype) in have, "dtype", f"one the CSV has rows of for op {op!r}: {have}", repr(dtype))
     out = []
     for fqn, m in model.named_modules():
         if not isinstance(m, (nn.Linear, SparseLinear)) or (filter_fn is not None and not filter_fn(m, fqn)):

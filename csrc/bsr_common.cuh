@@ -103,6 +103,16 @@ __device__ __forceinline__ void mma_slab(float (&acc)[MI][NI][4], const uint32_t
 // zero-filled), so the MMA always sees K = 64.
 __device__ __forceinline__ int num_chunks(int nb, int bk_shift) { return ((nb << bk_shift) + 63) >> 6; }
 
+// First column (idx * side, side a power of two) of a block index into a D-wide operand, or D
+// when that is not below D: loads from D on are zero-filled. Metadata for a wider weight than
+// the operand (a direct caller of the cuda_* ops; the public op ties the widths) can then
+// never address outside it (int32 would wrap into a negative column; a product past 2^32 may
+// still land on another column of it). 32-bit: the decode loop keeps its registers.
+__device__ __forceinline__ int block_col(int idx, unsigned side, int D) {
+  const unsigned c = static_cast<unsigned>(idx) * side;
+  return c < static_cast<unsigned>(D) ? static_cast<int>(c) : D;
+}
+
 // Swizzled tile: ROWS rows of 64 elements (128 B). The 16-byte piece c (elements 8c..8c+7)
 // of row r lives at byte r*128 + ((c ^ (r & 7)) << 4): ldmatrix and cp.async touch 8
 // distinct bank groups, and it is exactly wgmma's 128-byte swizzle (Swizzle<3,4,3>) when
@@ -125,7 +135,7 @@ __device__ __forceinline__ void load_chunk(const BsrParams& p, uint32_t sA, uint
   const int kin = v & ((1 << p.bk_shift) - 1);  // column inside the block
   const bool block_ok = i < nb;
   const int blk = first + (block_ok ? i : 0);
-  const int kx = block_ok ? (__ldg(p.col_idx + blk) << p.bk_shift) + kin : 0;  // column of x
+  const int kx = block_ok ? block_col(__ldg(p.col_idx + blk), 1 << p.bk_shift, p.Kx) + kin : 0;  // column of x
   const T* x = static_cast<const T*>(p.x);
   const T* vals = static_cast<const T*>(p.values) + ((static_cast<int64_t>(blk) * BN) << p.bk_shift) + kin;
   const bool col_ok = block_ok && kx < p.Kx;

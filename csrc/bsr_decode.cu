@@ -65,7 +65,7 @@ __device__ __forceinline__ void load_unit(const BsrParams& p, const DecodeLane<T
   const T* v = static_cast<const T*>(p.values) + ((static_cast<int64_t>(i) * BN + L.g) << p.bk_shift) + ks + 8 * L.t;
 #pragma unroll
   for (int q = 0; q < BN / 8; ++q) un.b[q] = ldg16(v + ((q * 8) << p.bk_shift));
-  const int k = (p.col_idx[i] << p.bk_shift) + ks + 8 * L.t;  // column of x
+  const int k = block_col(p.col_idx[i], 1 << p.bk_shift, p.Kx) + ks + 8 * L.t;  // column of x
   const uint4 zero = make_uint4(0, 0, 0, 0);
   un.xl = (L.lo_ok && k < p.Kx) ? ldg16(L.x_lo + k) : zero;
   un.xh = (L.hi_ok && k < p.Kx) ? ldg16(L.x_hi + k) : zero;

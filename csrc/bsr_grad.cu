@@ -74,7 +74,7 @@ __device__ __forceinline__ void load_dx_chunk(const BsrDxParams& p, uint32_t sA,
     const int u = (j << 6) + (piece << 3);
     const int i = u >> p.bn_shift;
     const bool block_ok = i < nb;
-    const int ky = block_ok ? (__ldg(p.row_idx + first + i) << p.bn_shift) + (u & bn_mask) : 0;
+    const int ky = block_ok ? block_col(__ldg(p.row_idx + first + i), 1 << p.bn_shift, p.Ny) + (u & bn_mask) : 0;
     const bool col_ok = block_ok && ky < p.Ny;
     const T* dy = static_cast<const T*>(p.dy);
 #pragma unroll
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(DwCfg<BN, BK>::NT) bsr_dw_sm80(const BsrDwPara
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % C::WARPS_M, wn = warp / C::WARPS_M;
   const int blk = blockIdx.x;
-  const int ycol = p.block_row[blk] * BN, xcol = p.col_idx[blk] * BK;
+  const int ycol = block_col(p.block_row[blk], BN, p.Ny), xcol = block_col(p.col_idx[blk], BK, p.Kx);
   const int total = (p.M + 63) >> 6;
   const int per = (total + p.splits - 1) / p.splits;
   const int j0 = blockIdx.y * per, j1 = min(total, j0 + per);

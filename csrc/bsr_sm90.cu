@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
           const int i = v >> p.bk_shift;
           blk[g] = first + i;
           col[g] = (g < pieces && i < nb)
-                       ? (__ldg(p.col_idx + blk[g]) << p.bk_shift) + (v & ((1 << p.bk_shift) - 1))
+                       ? block_col(__ldg(p.col_idx + blk[g]), 1 << p.bk_shift, p.Kx) + (v & ((1 << p.bk_shift) - 1))
                        : -1;
           if (col[g] >= 0) live |= 1u << (4 + g), bytes += BN * row_bytes;          // B: values
           if (col[g] >= 0 && col[g] < p.Kx) live |= 1u << g, bytes += C::BM * row_bytes;  // A: x
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(Sm90Cfg<BN>::NT, Sm90Cfg<BN>::MIN_BLOCKS)
         for (int g = 0; g < 4; ++g) {
           if (live & (1u << g)) tma_load_2d(stage(s) + g * a_piece, &tmap_x, col[g], m0, full0 + 8 * s);
           if (live & (1u << (4 + g)))
-            tma_load_2d(stage(s) + C::A_BYTES + g * b_piece, &tmap_v, col[g] & ((1 << p.bk_shift) - 1),
+            tma_load_2d(stage(s) + C::A_BYTES + g * b_piece, &tmap_v, ((j << 6) + (g << kc_shift)) & ((1 << p.bk_shift) - 1),
                         blk[g] * BN, full0 + 8 * s);  // (column inside the block, first row of the block)
         }
       }

@@ -223,6 +223,26 @@ def test_unaligned_and_strided_x():
             _check(xv, W, b, kernel=kernel)
 
 
+def test_metadata_past_the_operand_reads_zeros():
+    """A direct caller's metadata for a wider weight than x / dy (block index x side >= 2^31,
+    which int32 would wrap into an address): those blocks read zeros, nothing out of bounds."""
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32, device="cuda")  # noqa: E731
+    ops = torch.ops.sparsecore
+    for M, block in ((3, (16, 128)), (130, (16, 128)), (3, (64, 64))):
+        bn, bk = block
+        x = _randn(M, 64, dtype=torch.float16)
+        v = _randn(1, bn, bk, dtype=torch.float16)
+        for kernel in _kernels(M, block):
+            y = ops.cuda_bsr_linear(x, v, i32(0, 1), i32(2**31 // bk), i32(0), i32(0), bn, None, "none", kernel)
+            torch.cuda.synchronize()
+            assert not y.any(), kernel
+    dy, x = _randn(8, 16, dtype=torch.float16), _randn(8, 16, dtype=torch.float16)
+    dv = ops.cuda_bsr_linear_grad_weight(dy, x, i32(2**27), i32(0), 16, 16)
+    dx = ops.cuda_bsr_linear_grad_input(dy, _randn(1, 16, 16, dtype=torch.float16), i32(0, 1), i32(2**27), i32(0), 16)
+    torch.cuda.synchronize()
+    assert not dv.any() and not dx.any()
+
+
 def test_auto_choice_and_public_op():
     """Through sc.ops.bsr_linear(backend='cuda'): decode for small M, prefill otherwise; backward
     delegates to triton / torch and matches the oracle's gradients."""

@@ -27,7 +27,8 @@ for compute capability >= 8.0.
 The ``cuda_*`` ops check dtypes, shapes and metadata lengths (their meta kernels too, once
 sizes are plain numbers), not the metadata's values, which would cost a device sync a call:
 they expect the BSR that ``format.build_metadata`` makes, for a weight as wide as ``x`` (as
-``dy`` for dX). ``torch.ops.sparsecore.bsr_linear`` ties those widths to the metadata.
+``dy`` for dX; blocks past that width read zeros, never outside it).
+``torch.ops.sparsecore.bsr_linear`` ties those widths to the metadata.
 
 The extension is imported lazily, on first use: a missing or mismatched build warns once and
 the backend reports unavailable (auto falls back to triton / torch); ``import sparsecore``

@@ -67,6 +67,16 @@ def _check_weight(w, name="w"):
     check(not w.is_meta, name, "a tensor with data (its values choose and fill the blocks)", "a meta tensor")
 
 
+def block_areas(shape, block) -> torch.Tensor:
+    """Weights each block holds, ``[R, C]`` int64: ``BN*BK``, less in the last block-row and
+    block-column when ``block`` does not divide ``shape``."""
+    (N, K), (bn, bk) = shape, block
+    R, C = grid_shape(shape, block)
+    rows = (N - bn * torch.arange(R)).clamp(max=bn)
+    cols = (K - bk * torch.arange(C)).clamp(max=bk)
+    return rows[:, None] * cols[None, :]
+
+
 def pad_to_blocks(w: torch.Tensor, block) -> torch.Tensor:
     """Zero-pad ``w [N, K]`` to ``[R*BN, C*BK]`` (a view-free copy only when needed)."""
     R, C = grid_shape(w.shape, block)

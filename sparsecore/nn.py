@@ -92,14 +92,11 @@ class SparseLinear(nn.Module):
                   f"{weight.dtype} of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
                   else type(weight).__name__)
         w = (lw if weight is None else weight.to(lw.device, lw.dtype)).detach()
-        if isinstance(mask, BlockMask):
-            check(block is None or normalize_block(block) == mask.block, "block",
-                  f"None or the mask's block {mask.block}", block)
-            block = mask.block
-        block = (64, 64) if block is None else block
+        if block is None and not isinstance(mask, BlockMask):
+            block = (64, 64)
         if mask is None:
             mask = block_mask(w, block, sparsity, score=score, balanced=balanced)
-        W = BlockSparseWeight.from_dense(w, mask, None if isinstance(mask, BlockMask) else block)
+        W = BlockSparseWeight.from_dense(w, mask, block)  # checks a given block against a BlockMask's
         lin = cls.from_sparse(W, linear.bias, backend=backend).train(linear.training)
         lin.values.requires_grad_(lw.requires_grad)
         if linear.bias is not None:

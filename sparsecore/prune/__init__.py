@@ -12,8 +12,8 @@ refitted weights) for the layers that ``sparsecore.sparsify`` swaps.
     gradual      cubic-schedule pruning during training (GradualPruner)
     report       predicted speedup per layer from a benchmark CSV; dense fallback
 """
-from ..format import BlockMask
-from .magnitude import block_areas, block_mask, block_scores, check_sparsity, nonzero_mask, select_blocks
+from ..format import BlockMask, block_areas
+from .magnitude import block_mask, block_scores, check_sparsity, nonzero_mask, select_blocks
 from .oneshot import ALLOCATIONS, METHODS, global_allocation, plan, sensitivity_allocation
 from .reconstruct import output_error, refit
 from .wanda import importance as wanda_importance

@@ -4,13 +4,13 @@ Sparsity at training step ``t`` (held at ``s0`` before ``start`` and at ``s1`` a
 
     s(t) = s1 + (s0 - s1) * (1 - (t - start) / (end - start))^3
 
-Every ``update_every`` steps from ``start`` (and at ``end``) each layer is re-pruned by block magnitude to ``s(t)``
-(``SparseLinear.set_mask``: metadata rebuilt once per update, not per step). Pruned blocks
+Every ``update_every`` steps from ``start`` (and at ``end``) each layer is re-pruned by block
+magnitude to ``s(t)`` (``SparseLinear.set_mask``: metadata rebuilt once per update, not per step). Pruned blocks
 are zero, so they score lowest and never come back: masks only shrink.
 
 ``set_mask`` replaces the layer's ``values`` Parameter (its shape is ``[nnzb, BN, BK]``), so
-an optimizer holding the old one must be told: pass it to ``GradualPruner`` (or to
-``set_mask``, which calls ``replace_in_optimizer``), which swaps the Parameter in the param groups and carries the
+an optimizer holding the old one must be told: pass it to ``GradualPruner`` or ``set_mask``,
+which call ``replace_in_optimizer``: it swaps the Parameter in the param groups and carries the
 per-parameter state (e.g. Adam moments) of the blocks that stay. Typical loop::
 
     pruner = GradualPruner(model, s0=0.0, s1=0.9, start=0, end=1000, update_every=100, optimizer=opt)

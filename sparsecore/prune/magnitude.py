@@ -45,16 +45,6 @@ def block_scores(importance: torch.Tensor, block) -> torch.Tensor:
     return imp.reshape(R, bn, C, bk).sum(dim=(1, 3))
 
 
-def block_areas(shape, block) -> torch.Tensor:
-    """Weights each block holds, ``[R, C]`` int64: ``BN*BK``, less in the last block-row and
-    block-column when ``block`` does not divide ``shape``."""
-    (N, K), (bn, bk) = shape, block
-    R, C = grid_shape(shape, block)
-    rows = (N - bn * torch.arange(R)).clamp(max=bn)
-    cols = (K - bk * torch.arange(C)).clamp(max=bk)
-    return rows[:, None] * cols[None, :]
-
-
 def select_blocks(scores: torch.Tensor, sparsity: float, balanced: bool = False) -> torch.Tensor:
     """Bool ``[R, C]`` keeping the top-scoring blocks (see the module docstring)."""
     check(isinstance(balanced, bool), "balanced", "a bool", repr(balanced))

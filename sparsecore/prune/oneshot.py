@@ -37,9 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import check
-from ..format import normalize_block
+from ..format import block_areas, normalize_block
 from . import calibrate, reconstruct as recon, wanda
-from .magnitude import SCORES, block_areas, block_mask, block_scores, check_sparsity, magnitude
+from .magnitude import SCORES, block_mask, block_scores, check_sparsity, magnitude
 
 log = logging.getLogger(__name__)
 

@@ -186,8 +186,9 @@ __global__ void __launch_bounds__(DwCfg<BN, BK>::NT) bsr_dw_sm80(const BsrDwPara
   const int blk = blockIdx.x;
   const int ycol = block_col(p.block_row[blk], BN, p.Ny), xcol = block_col(p.col_idx[blk], BK, p.Kx);
   const int total = (p.M + 63) >> 6;
-  const int per = (total + p.splits - 1) / p.splits;
-  const int j0 = blockIdx.y * per, j1 = min(total, j0 + per);
+  // range y: chunks [y * total / splits, (y + 1) * total / splits), none empty (splits <= total)
+  const int j0 = static_cast<int>(static_cast<int64_t>(blockIdx.y) * total / p.splits);
+  const int j1 = static_cast<int>(static_cast<int64_t>(blockIdx.y + 1) * total / p.splits);
   const T* dy = static_cast<const T*>(p.dy);
   const T* x = static_cast<const T*>(p.x);
 

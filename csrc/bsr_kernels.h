@@ -8,7 +8,8 @@
 //   col_idx   [nnzb]  int32   block-column of each kept block
 //   block_row [nnzb]  int32   block-row of each kept block (decode kernel)
 //   row_order [R]     int32   launch order of block-rows (heaviest first)
-//   x         [M, ldx]        row-major, 16-byte aligned, ldx % 8 == 0; columns >= Kx read as 0
+//   x         [M, ldx]        row-major, 16-byte aligned, Kx <= ldx, both % 8 == 0 (16-byte
+//                             loads never straddle Kx); columns >= Kx read as 0
 //   y         [M, N]          contiguous, written in full (empty block-rows get act(bias))
 #pragma once
 
@@ -85,7 +86,8 @@ cudaError_t launch_bsr_finalize(const BsrParams& p, DType dt, int bn, cudaStream
 //   col_ptr [C + 1]    kept blocks of block-column c: CSC slots col_ptr[c] .. col_ptr[c+1]
 //   row_idx [nnzb]     block-row of each CSC slot;  t_perm [nnzb]: its index into values
 //   dV [nnzb, BN, BK]  = dY[:, rows of block]^T @ X[:, cols of block]  (kept blocks only)
-//   dy / x: row-major, 16-byte aligned, ld % 8 == 0; columns >= Ny / Kx read as 0.
+//   dy / x: row-major, 16-byte aligned, Ny <= ldy, Kx <= ldx, all % 8 == 0; columns >= Ny / Kx
+//   read as 0.
 struct BsrDxParams {
   const void* dy;
   const void* values;
@@ -107,7 +109,7 @@ struct BsrDwParams {
   float* workspace;  // fp32 [nnzb, BN, BK], zeroed, when splits > 1; else nullptr
   int M, nnzb;
   int Ny, ldy, Kx, ldx;
-  int splits;         // M is cut into `splits` ranges of whole 64-row chunks (grid.y)
+  int splits;         // M is cut into `splits` near-equal ranges of whole 64-row chunks (grid.y)
 };
 
 // dX: one CTA per (block-column, 128-row tile of dY); bk: 16 .. 128 (the output tile width).

@@ -285,11 +285,12 @@ def test_backward_kernels(M, block, dtype):
     assert_close(dw, ref_dw, dtype)
 
 
+@pytest.mark.parametrize("M", [2000, 1601])  # 32 chunks of 64 rows in 8 ranges; 26 in 6 uneven ones
 @pytest.mark.parametrize("block", [(64, 64), (128, 32), (16, 16)], ids=str)
-def test_grad_weight_split_over_m(block):
+def test_grad_weight_split_over_m(block, M):
     """Few kept blocks and many rows: M is cut into ranges summed with fp32 atomics."""
-    x, W, _ = _case(2000, 2 * block[0], 2 * block[1], block, 1.0, torch.bfloat16, empty_rows=0)
-    dy = _randn(2000, W.shape[0], dtype=torch.bfloat16)
+    x, W, _ = _case(M, 2 * block[0], 2 * block[1], block, 1.0, torch.bfloat16, empty_rows=0)
+    dy = _randn(M, W.shape[0], dtype=torch.bfloat16)
     dw = torch.ops.sparsecore.cuda_bsr_linear_grad_weight(dy, x, W.block_row, W.col_idx, *block)
     assert_close(dw, _grad_refs(x, W, dy)[1], torch.bfloat16)
 

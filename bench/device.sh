@@ -141,20 +141,23 @@ timeout 60 "$PY" -m sparsecore.cli info 2>&1 | tee "$LOGS/info.log"
 # 2. the CUDA kernels against the float64 oracle (no JIT; 4 workers prepare the cases), so a broken kernel shows
 # before the benchmark spends its time. The sm90a kernel first, in a process of its own (a
 # trap there ends its CUDA context); if it fails, everything after runs with sm80.
+# pytest-xdist (in the GPU image) spreads the cases over 4 workers; without it they run in one
+# process rather than failing on an unknown -n.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
 FWD_TESTS="every_kernel or k_multiple or density_extremes or fused_bias or long_rows or unaligned or tile_queue"
 if ! stage gpu-sm90 45 "$LOGS/pytest_gpu_sm90.log" env SPARSECORE_TEST_KERNELS=sm90 \
-        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 -k "$FWD_TESTS" tests/test_cuda_kernels.py; then
+        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf $XDIST -k "$FWD_TESTS" tests/test_cuda_kernels.py; then
     export SPARSECORE_CUDA_KERNEL=sm80 SPARSECORE_TEST_KERNELS=sm80,decode
     SUMMARY+=("(sm90 kernel failed: the tests and the benchmark below run with SPARSECORE_CUDA_KERNEL=sm80)")
 fi
 # The decode kernel next, alone too: if its cluster reduction (sm_90) fails, the rest runs without clusters.
 if ! stage gpu-decode 30 "$LOGS/pytest_gpu_decode.log" env SPARSECORE_TEST_KERNELS=decode \
-        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 -k decode tests/test_cuda_kernels.py; then
+        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf $XDIST -k decode tests/test_cuda_kernels.py; then
     export SPARSECORE_DECODE_CLUSTERS=0
     SUMMARY+=("(decode kernel failed: the tests and the benchmark below run with SPARSECORE_DECODE_CLUSTERS=0)")
 fi
 stage gpu-cuda 50 "$LOGS/pytest_gpu_cuda.log" env SPARSECORE_TEST_KERNELS=sm80,decode \
-    "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 tests/test_cuda_kernels.py
+    "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf $XDIST tests/test_cuda_kernels.py
 # compute-sanitizer (memcheck + racecheck) on a small case of every CUDA kernel
 sanitize csrc/sanitize_case.py
 
@@ -168,7 +171,7 @@ grep -E "WRONG RESULT|ERROR provider|FAILED|skipped" "$LOGS/bench.log" | head -n
 stage overhead 30 "$LOGS/overhead.log" "$PY" bench/overhead.py --out "$OUT/overhead.csv"
 
 # 4. the other GPU tests (Triton kernels JIT-compile: spread over 4 workers)
-stage gpu-tests 80 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf -n 4 \
+stage gpu-tests 80 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rf $XDIST \
     --ignore=tests/test_cuda_kernels.py tests
 
 # 5. the Triton kernels under compute-sanitizer (the CUDA kernels' case ran before the bench)

@@ -26,6 +26,12 @@ from .errors import check, fail
 from .format import BLOCK_SIDES, BlockSparseWeight
 
 
+def _check_block(block, arg: str) -> None:
+    """Both sides of ``block`` are ones the kernels have (``arg`` names it in the error)."""
+    if not (block[0] in BLOCK_SIDES and block[1] in BLOCK_SIDES):
+        fail(arg, f"blocks with sides in {BLOCK_SIDES}", f"blocks of {tuple(block)}")
+
+
 def _check_meta(nnzb: int, block, n: int, k: int, device, **meta) -> None:
     """Metadata shapes fit ``nnzb`` blocks of ``block`` over ``[n, k]`` (no host sync)."""
     bn, bk = block
@@ -93,8 +99,7 @@ def _check_forward(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, t_p
     if activation not in backends.ACTIVATIONS:
         fail("activation", f"one of {backends.ACTIVATIONS}", repr(activation))
     nnzb, bn, bk = values.shape
-    if not (bn in BLOCK_SIDES and bk in BLOCK_SIDES):
-        fail("values", f"blocks with sides in {BLOCK_SIDES}", f"blocks of {(bn, bk)}")
+    _check_block((bn, bk), "values")
     R, C = row_ptr.numel() - 1, col_ptr.numel() - 1
     if not (R - 1) * bn < out_features <= R * bn:
         fail("out_features", f"in ({(R - 1) * bn}, {R * bn}] (R={R} block-rows)", out_features)
@@ -119,8 +124,7 @@ def _check_grad_input(dy, values, col_ptr, row_idx, t_perm, in_features):
     if in_features <= 0:
         fail("in_features", "a positive int", in_features)
     nnzb, bn, bk = values.shape
-    if not (bn in BLOCK_SIDES and bk in BLOCK_SIDES):
-        fail("values", f"blocks with sides in {BLOCK_SIDES}", f"blocks of {(bn, bk)}")
+    _check_block((bn, bk), "values")
     _check_meta(nnzb, (bn, bk), dy.shape[1], in_features, dy.device, col_ptr=col_ptr, row_idx=row_idx, t_perm=t_perm)
 
 
@@ -131,8 +135,7 @@ def _check_grad_weight(dy, x, block_row, col_idx, block_n, block_k):
         fail("dy", "a floating dtype", dy.dtype)
     if not (x.dtype == dy.dtype and x.device == dy.device):
         fail("x", f"{dy.dtype} on {dy.device} (as dy)", f"{x.dtype} on {x.device}")
-    if not (block_n in BLOCK_SIDES and block_k in BLOCK_SIDES):
-        fail("block_n, block_k", f"sides in {BLOCK_SIDES}", (block_n, block_k))
+    _check_block((block_n, block_k), "block_n, block_k")
     _check_meta(col_idx.numel(), (block_n, block_k), dy.shape[1], x.shape[1], dy.device, block_row=block_row,
                 col_idx=col_idx)
 

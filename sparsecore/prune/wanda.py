@@ -16,7 +16,6 @@ from ..errors import check
 from .magnitude import SCORES, score_dtype
 
 
-
 def importance(w: torch.Tensor, sq_norm: torch.Tensor, score: str = "l2") -> torch.Tensor:
     """Element importance ``[N, K]`` (``score_dtype(w)``) from ``w [N, K]`` and ``sq_norm [K]``."""
     check(score in SCORES, "score", f"one of {SCORES}", repr(score))
